@@ -1,0 +1,191 @@
+"""One validated config object per job, loaded from YAML plus dotted ``key=value`` CLI overrides.
+
+Every job (train, embed, evaluate, nightly, demo) has one pydantic model built from small nested parts.
+All checks run at construction, so a bad value fails on the submitting machine with a message naming the
+setting, the value and the fix, never at step 4,000 on a worker:
+
+    cfg = load_config(TrainJobConfig, "jobs/configs/train_tiny.yaml", ["train.lr=3e-5", "scaling.num_workers=2"])
+
+Configs travel to Ray workers as plain dicts (``cfg.model_dump()``) and are rebuilt there with
+``TrainJobConfig.model_validate(d)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message says what, the value, and the fix."""
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Part):
+    """Which backbone, and how inputs are shaped for it."""
+
+    name: str = Field(description="hub id, local save_pretrained dir, or s3:// prefix")
+    family: Literal["auto", "qwen2_5_vl", "qwen2_vl"] = "auto"
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    attn_implementation: str | None = None
+    min_pixels: int = Field(56 * 56, gt=0, description="image resize lower bound (pixels)")
+    max_pixels: int = Field(224 * 224, gt=0, description="image resize upper bound (pixels)")
+    max_history: int = Field(10, ge=1, le=64, description="history items per sequence (latest kept)")
+    fusion: Literal["external", "internal"] = "external"
+    endpoint_url: str | None = None
+
+    @model_validator(mode="after")
+    def _pixels(self) -> ModelConfig:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(
+                f"model.min_pixels={self.min_pixels} is larger than model.max_pixels={self.max_pixels}; "
+                "set min_pixels <= max_pixels"
+            )
+        return self
+
+
+class LoraConfig(_Part):
+    """PEFT LoRA on the language model's attention projections (paper defaults r=16, alpha=32, dropout 0.2)."""
+
+    enabled: bool = True
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)$"
+
+    @field_validator("target_modules")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"lora.target_modules={v!r} is not a valid regex ({e}); fix the pattern") from e
+        return v
+
+
+OBJECTIVE_VARIANTS = ("sft", "vlm2rec", "wpcl", "no_stop_grad", "no_penalty", "no_crtr")
+
+
+class ObjectiveConfig(_Part):
+    """The training objective and the paper's Table 5 ablations.
+
+    ``variant``: ``sft`` (plain fused InfoNCE), ``vlm2rec`` (WPCL + lambda * CRTR), ``wpcl`` / ``no_crtr``
+    (WPCL alone), ``no_stop_grad`` (VLM2Rec without the stop-gradient on the strong modality),
+    ``no_penalty`` (VLM2Rec with w_pen = 1, i.e. InfoNCE + CRTR).
+    """
+
+    variant: Literal["sft", "vlm2rec", "wpcl", "no_stop_grad", "no_penalty", "no_crtr"] = "vlm2rec"
+    tau_wpcl: float = Field(0.1, gt=0.0, description="InfoNCE/WPCL temperature; paper grid {0.05,0.1,0.5,1}")
+    tau_crtr: float = Field(0.1, gt=0.0, description="CRTR temperature; paper grid {0.001,0.01,0.1,1}")
+    lam: float = Field(0.5, ge=0.0, description="CRTR weight lambda; paper grid {0.1,0.5,1}")
+    alpha_init: float = Field(1.0, gt=0.0)
+    beta_init: float = Field(1.0, gt=0.0)
+    learnable_penalty: bool = True
+    beta_min: float = Field(0.05, ge=0.0, description="floor on beta so the penalty cannot vanish")
+    gather_negatives: bool = Field(True, description="gather in-batch negatives across workers")
+    num_sampled_negatives: int = Field(0, ge=0, description="extra random catalog negatives per batch")
+
+
+class StorageConfig(_Part):
+    endpoint_url: str | None = Field(None, description="S3 endpoint; default AWS_ENDPOINT_URL / AWS")
+    allowed_roots: list[str] = Field(default_factory=list, description="image_uri prefixes allowed; [] = any")
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is a value, not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """``["train.lr=3e-5", "lora.enabled=false"]`` -> nested dict; values parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value; write e.g. train.lr=3e-5")
+        key, raw = item.split("=", 1)
+        key = key.strip().lstrip("-")
+        if not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+            raise ConfigError(f"override key {key!r} is not a dotted name like train.lr")
+        _set_dotted(tree, key, yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _format_validation(cls: type[BaseModel], err: ValidationError, source: str) -> str:
+    lines = [f"invalid {cls.__name__} from {source}:"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  - {where}: unknown setting (value {got!r}); check the spelling against the docs")
+        elif e["type"] == "missing":
+            lines.append(f"  - {where}: required setting is missing; add it to the YAML or pass {where}=...")
+        else:
+            shown = repr(got) if not isinstance(got, dict) else "{...}"
+            lines.append(f"  - {where}: {msg} (got {shown})")
+    return "\n".join(lines)
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """Build and validate a job config from an optional YAML file plus dotted overrides.
+
+    Raises:
+        ConfigError: unreadable YAML, a malformed override, or any invalid value (all problems listed).
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {str(p)!r} does not exist; pass a YAML path, e.g. jobs/configs/*.yaml")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping at top level, got {type(loaded).__name__}")
+        data = loaded
+        source = str(p)
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+        source += f" + overrides {overrides}"
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation(cls, e, source)) from None
+
+
+def config_hash(cfg: BaseModel) -> str:
+    """A stable short hash of a config's values (recorded in manifests and model cards)."""
+    blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
