@@ -63,7 +63,7 @@ def test_missing_dir_and_bad_family(tmp_path: Path, tiny_backbone_dir: Path) -> 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_model_dir(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
         resolve_model_dir(str(tmp_path / "empty"))
     bad = tmp_path / "bad"
     bad.mkdir()
