@@ -39,6 +39,28 @@ def doctor(
     raise typer.Exit(run_doctor(endpoint=endpoint, ray_address=ray_address))
 
 
+@app.command()
+def plan(
+    model: str = typer.Option(..., help="preset (Qwen2.5-VL-3B/7B/32B/72B) or a config.json path"),
+    gpus: int = typer.Option(8, help="number of GPUs"),
+    gpu_mem: float = typer.Option(80.0, "--gpu-mem", help="memory per GPU in GiB"),
+    full: bool = typer.Option(False, "--full", help="full fine-tuning instead of LoRA"),
+    lora_r: int = typer.Option(16, help="LoRA rank"),
+    micro_batch: int = typer.Option(8, help="desired per-GPU batch (the paper uses 8)"),
+    no_checkpointing: bool = typer.Option(False, "--no-checkpointing", help="plan without gradient checkpointing"),
+) -> None:
+    """Per-GPU memory of params, grads, optimizer states and activations per ZeRO stage, and a recommendation."""
+    from vlm2rec_ray.plan import format_plan
+    from vlm2rec_ray.plan import plan as make_plan
+
+    try:
+        result = make_plan(model, gpus, gpu_mem, lora=not full, lora_r=lora_r, micro_batch=micro_batch,
+                           checkpointing=not no_checkpointing)
+    except ValueError as e:
+        fail(str(e))
+    typer.echo(format_plan(result))
+
+
 # --- prepare (data) ---------------------------------------------------------------------------------------
 
 # --- train ------------------------------------------------------------------------------------------------
