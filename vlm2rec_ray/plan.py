@@ -250,5 +250,5 @@ def format_plan(result: dict) -> str:
     else:
         lines.append(f"recommended: ZeRO-{rec['zero_stage']}, offload {rec['offload']}, micro-batch "
                      f"{rec['micro_batch']} x grad_accum {rec['grad_accum']} ({rec['total_gib']:.1f} GiB per GPU, "
-                     "15% headroom kept)")
+                     f"{rec['cpu_gib']:.0f} GiB CPU RAM in all for offload; 15% headroom kept)")
     return "\n".join(lines)

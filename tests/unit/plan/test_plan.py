@@ -51,7 +51,9 @@ def test_recommendations() -> None:
     assert big["zero_stage"] == 3 and big["offload"] == "none"  # LoRA 32B: bf16 weights must be sharded
     full = plan("Qwen2.5-VL-32B", 8, 80, lora=False)["recommended"]
     assert full["zero_stage"] == 3 and full["offload"] != "none"
-    assert plan("Qwen2.5-VL-72B", 1, 24, lora=False)["recommended"] is None  # cannot fit: said so
+    # 72B full fine-tuning on one 24 GiB card only fits with everything offloaded and a smaller micro-batch.
+    tight = plan("Qwen2.5-VL-72B", 1, 24, lora=False)["recommended"]
+    assert tight["offload"] == "optimizer+params" and tight["micro_batch"] < 8 and tight["cpu_gib"] > 1000
     assert resolve_arch("Qwen/Qwen2.5-VL-7B-Instruct").hidden == 3584
 
 
