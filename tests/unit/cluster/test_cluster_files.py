@@ -1,0 +1,107 @@
+"""Every file under cluster/ parses, and holds the fields the project relies on."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+CLUSTER = Path(__file__).resolve().parents[3] / "cluster"
+ALL_YAML = sorted(CLUSTER.rglob("*.yaml"))
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def _containers(pod_template: dict) -> list[dict]:
+    return pod_template["spec"]["containers"]
+
+
+def _walk(node):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield k, v
+            yield from _walk(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _walk(v)
+
+
+@pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: str(p.relative_to(CLUSTER)))
+def test_parses_and_has_no_inline_secrets(path: Path) -> None:
+    docs = _docs(path)
+    assert docs, f"{path} is empty"
+    for key, value in _walk(docs):
+        if key in {"AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "aws_secret_access_key"}:
+            pytest.fail(f"{path}: credential {key} written inline; use a Kubernetes Secret or instance role")
+        if isinstance(value, str):
+            assert not re.search(r"AKIA[0-9A-Z]{16}", value), f"{path}: looks like an AWS key id"
+
+
+def _check_cluster_spec(spec: dict, where: str) -> None:
+    assert spec["rayVersion"] == "2.60.0", where
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0", f"{where}: the head should not run work"
+    for c in _containers(head["template"]):
+        assert {"secretRef": {"name": "vlm2rec-s3"}} in c.get("envFrom", []), f"{where}: S3 creds via Secret"
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    assert "gpu" in groups, f"{where}: needs a GPU worker group"
+    gpu = groups["gpu"]
+    assert 0 <= gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"], f"{where}: autoscaling bounds"
+    assert int(gpu["rayStartParams"]["object-store-memory"]) > 1e9
+    for c in _containers(gpu["template"]):
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == c["resources"]["requests"]["nvidia.com/gpu"]
+        assert {"secretRef": {"name": "vlm2rec-s3"}} in c["envFrom"]
+
+
+def test_raycluster() -> None:
+    (doc,) = _docs(CLUSTER / "kuberay" / "raycluster.yaml")
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayCluster"
+    assert doc["spec"]["enableInTreeAutoscaling"] is True
+    _check_cluster_spec(doc["spec"], "raycluster")
+
+
+def test_rayjob_train() -> None:
+    (doc,) = _docs(CLUSTER / "kuberay" / "rayjob-train.yaml")
+    assert doc["kind"] == "RayJob"
+    spec = doc["spec"]
+    assert spec["entrypoint"].startswith("python jobs/train.py --config cluster/presets/")
+    preset = spec["entrypoint"].split("--config ")[1].split()[0]
+    assert (CLUSTER.parent / preset).exists(), f"RayJob points at a missing preset {preset}"
+    assert spec["shutdownAfterJobFinishes"] is True
+    yaml.safe_load(spec["runtimeEnvYAML"])
+    _check_cluster_spec(spec["rayClusterSpec"], "rayjob-train")
+
+
+def test_nightly_cronjob_creates_a_rayjob() -> None:
+    docs = {d["kind"]: d for d in _docs(CLUSTER / "kuberay" / "nightly-cronjob.yaml")}
+    assert {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "CronJob"} <= set(docs)
+    cron = docs["CronJob"]["spec"]
+    assert cron["concurrencyPolicy"] == "Forbid"
+    assert len(cron["schedule"].split()) == 5
+    pod = cron["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == docs["ServiceAccount"]["metadata"]["name"]
+    assert "create" in docs["Role"]["rules"][0]["verbs"] and "rayjobs" in docs["Role"]["rules"][0]["resources"]
+    rayjob = yaml.safe_load(docs["ConfigMap"]["data"]["rayjob.yaml"])
+    assert rayjob["kind"] == "RayJob" and rayjob["metadata"]["generateName"].endswith("-")
+    assert rayjob["spec"]["entrypoint"].startswith("python jobs/nightly.py")
+    _check_cluster_spec(rayjob["spec"]["rayClusterSpec"], "nightly rayjob")
+
+
+def test_ray_up_file() -> None:
+    (doc,) = _docs(CLUSTER / "aws" / "ray-up.yaml")
+    assert doc["provider"]["type"] == "aws"
+    types = doc["available_node_types"]
+    assert doc["head_node_type"] in types
+    assert all("IamInstanceProfile" in t["node_config"] for t in types.values()), "S3 access via instance role"
+    assert sum(t.get("max_workers", 0) for t in types.values()) >= doc["max_workers"]
+    assert any(t["node_config"]["InstanceType"].startswith(("g5", "p4d", "p5")) for t in types.values())
+
+
+def test_runtime_env() -> None:
+    (doc,) = _docs(CLUSTER / "runtime_env.yaml")
+    assert ".venv" in doc["excludes"] and "build" in doc["excludes"]
+    assert not any("AWS_SECRET" in k for k in doc.get("env_vars", {}))
