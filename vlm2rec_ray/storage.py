@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import pyarrow
     import pyarrow.fs
 
 S3_SCHEME = "s3://"
@@ -137,22 +138,28 @@ def read_bytes(uri: str, *, endpoint: str | None = None, root: str | None = None
     if is_s3(uri):
         loc = parse_s3(uri)
         client = s3_client(endpoint)
+        if not loc.key or loc.key.endswith("/"):
+            raise StorageError(f"{uri} names a bucket or prefix, not an object", reason="missing")
         try:
-            if max_bytes is not None:
-                head = client.head_object(Bucket=loc.bucket, Key=loc.key)
-                if int(head["ContentLength"]) > max_bytes:
-                    raise StorageError(
-                        f"{uri} is {head['ContentLength']} bytes, over the cap of {max_bytes}", "too_large"
-                    )
-            return client.get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
+            # One GET: the size check uses the response's Content-Length before the body is read.
+            resp = client.get_object(Bucket=loc.bucket, Key=loc.key)
+            size = int(resp.get("ContentLength", -1))
+            if max_bytes is not None and size > max_bytes:
+                resp["Body"].close()
+                raise StorageError(f"{uri} is {size} bytes, over the cap of {max_bytes}", "too_large")
+            data = resp["Body"].read() if max_bytes is None else resp["Body"].read(max_bytes + 1)
         except StorageError:
             raise
         except Exception as e:
             raise _s3_error(uri, e) from e
+        if max_bytes is not None and len(data) > max_bytes:
+            raise StorageError(f"{uri} is over the cap of {max_bytes} bytes", "too_large")
+        return data
     path = resolve_local(uri, root)
     try:
-        if max_bytes is not None and path.stat().st_size > max_bytes:
-            raise StorageError(f"{uri} is {path.stat().st_size} bytes, over the cap of {max_bytes}", "too_large")
+        size = path.stat().st_size
+        if max_bytes is not None and size > max_bytes:
+            raise StorageError(f"{uri} is {size} bytes, over the cap of {max_bytes}", "too_large")
         return path.read_bytes()
     except FileNotFoundError as e:
         raise StorageError(f"file not found: {path}", reason="missing") from e
@@ -183,10 +190,15 @@ def exists(uri: str, *, endpoint: str | None = None) -> bool:
         loc = parse_s3(uri)
         client = s3_client(endpoint)
         try:
+            if not loc.key:
+                client.head_bucket(Bucket=loc.bucket)
+                return True
             client.head_object(Bucket=loc.bucket, Key=loc.key)
             return True
         except Exception as e:
             err = _s3_error(uri, e)
+            if err.reason == "missing" and not loc.key:
+                return False
             if err.reason == "missing":
                 # A "directory" prefix exists if anything lives under it.
                 resp = client.list_objects_v2(Bucket=loc.bucket, Prefix=loc.key.rstrip("/") + "/", MaxKeys=1)
@@ -214,6 +226,24 @@ def list_uris(prefix: str, *, endpoint: str | None = None, suffix: str = "") -> 
     if root.is_file():
         return [str(root)] if str(root).endswith(suffix) else []
     return sorted(str(p) for p in root.rglob("*") if p.is_file() and str(p).endswith(suffix))
+
+
+def delete(uri: str, *, endpoint: str | None = None) -> bool:
+    """Delete one object or file; returns whether it existed."""
+    if is_s3(uri):
+        if not exists(uri, endpoint=endpoint):
+            return False
+        loc = parse_s3(uri)
+        try:
+            s3_client(endpoint).delete_object(Bucket=loc.bucket, Key=loc.key)
+        except Exception as e:
+            raise _s3_error(uri, e) from e
+        return True
+    path = resolve_local(uri)
+    if path.is_file():
+        path.unlink()
+        return True
+    return False
 
 
 def delete_prefix(prefix: str, *, endpoint: str | None = None) -> int:
@@ -305,6 +335,49 @@ def pyarrow_filesystem(uri: str, *, endpoint: str | None = None) -> tuple[pyarro
         return pafs.S3FileSystem(**kwargs), f"{loc.bucket}/{loc.key}".rstrip("/")
     path = resolve_local(uri)
     return pafs.LocalFileSystem(), str(path)
+
+
+def read_text(uri: str, *, endpoint: str | None = None) -> str:
+    return read_bytes(uri, endpoint=endpoint).decode("utf-8")
+
+
+def write_text(uri: str, text: str, *, endpoint: str | None = None) -> None:
+    write_bytes(uri, text.encode("utf-8"), endpoint=endpoint)
+
+
+def read_parquet(uri: str, *, endpoint: str | None = None, columns: list[str] | None = None) -> pyarrow.Table:
+    """Read a Parquet file (or a directory/prefix of Parquet files) from a local path or s3://.
+
+    Raises:
+        StorageError: reason ``missing`` when nothing is there.
+    """
+    import pyarrow.parquet as pq
+
+    fs, path = pyarrow_filesystem(uri, endpoint=endpoint)
+    try:
+        return pq.read_table(path, filesystem=fs, columns=columns)
+    except FileNotFoundError as e:
+        raise StorageError(f"no Parquet data at {uri}; check the path and the endpoint", reason="missing") from e
+    except OSError as e:
+        msg = str(e)
+        if "NoSuchKey" in msg or "does not exist" in msg.lower() or "Path does not exist" in msg:
+            raise StorageError(f"no Parquet data at {uri}; check the path and the endpoint", "missing") from e
+        raise StorageError(f"reading Parquet {uri} failed: {redact(msg)}", reason="io_error") from e
+
+
+def write_parquet(table: pyarrow.Table, uri: str, *, endpoint: str | None = None) -> None:
+    """Write one Parquet file; local writes go through a temp file + rename, so readers never see half."""
+    import pyarrow.parquet as pq
+
+    if is_s3(uri):
+        fs, path = pyarrow_filesystem(uri, endpoint=endpoint)
+        pq.write_table(table, path, filesystem=fs)
+        return
+    path = resolve_local(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    pq.write_table(table, str(tmp))
+    os.replace(tmp, path)
 
 
 def redact(text: str) -> str:
