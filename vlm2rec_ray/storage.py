@@ -12,11 +12,13 @@ this module ever logs a credential.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 if TYPE_CHECKING:
     import pyarrow
@@ -167,6 +169,35 @@ def read_bytes(uri: str, *, endpoint: str | None = None, root: str | None = None
         raise StorageError(f"permission denied: {path}", reason="denied") from e
     except IsADirectoryError as e:
         raise StorageError(f"expected a file, got a directory: {path}", reason="missing") from e
+
+
+@contextlib.contextmanager
+def open_read(uri: str, *, endpoint: str | None = None) -> Iterator[BinaryIO]:
+    """Stream an object or file (for inputs too large to hold in memory, e.g. review dumps).
+
+    Raises:
+        StorageError: with reason ``missing``, ``denied`` or ``io_error``.
+    """
+    if is_s3(uri):
+        loc = parse_s3(uri)
+        try:
+            body = s3_client(endpoint).get_object(Bucket=loc.bucket, Key=loc.key)["Body"]
+        except Exception as e:
+            raise _s3_error(uri, e) from e
+        try:
+            yield body
+        finally:
+            body.close()
+        return
+    path = resolve_local(uri)
+    try:
+        f = path.open("rb")
+    except FileNotFoundError as e:
+        raise StorageError(f"file not found: {path}", reason="missing") from e
+    except PermissionError as e:
+        raise StorageError(f"permission denied: {path}", reason="denied") from e
+    with f:
+        yield f
 
 
 def write_bytes(uri: str, data: bytes, *, endpoint: str | None = None) -> None:
