@@ -94,6 +94,15 @@ class ObjectiveConfig(_Part):
     gather_negatives: bool = Field(True, description="gather in-batch negatives across workers")
     num_sampled_negatives: int = Field(0, ge=0, description="extra random catalog negatives per batch")
 
+    @model_validator(mode="after")
+    def _penalty(self) -> ObjectiveConfig:
+        if self.learnable_penalty and self.beta_init <= self.beta_min:
+            raise ValueError(
+                f"objective.beta_init={self.beta_init} must be larger than objective.beta_min={self.beta_min} "
+                "when learnable_penalty is true (beta = beta_min + softplus(rho)); raise beta_init or lower beta_min"
+            )
+        return self
+
 
 class StorageConfig(_Part):
     endpoint_url: str | None = Field(None, description="S3 endpoint; default AWS_ENDPOINT_URL / AWS")
