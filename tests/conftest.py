@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import socket
 import subprocess
 import sys
@@ -54,10 +53,11 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def moto_endpoint() -> str:
     """A real S3 HTTP endpoint on 127.0.0.1 (moto_server subprocess), exported as AWS_ENDPOINT_URL."""
-    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    # Run this interpreter's moto (the pinned one): a `moto_server` found first on PATH may be another
+    # install (e.g. pyenv's moto 5.2.1, whose CompleteMultipartUpload breaks pyarrow's Parquet writes).
     port = _free_port()
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
     while time.time() < deadline:

@@ -63,6 +63,110 @@ def plan(
 
 # --- prepare (data) ---------------------------------------------------------------------------------------
 
+
+def _progress(label: str):  # type: ignore[no-untyped-def]
+    """A ``progress(done, total)`` callback drawing a progress bar on stderr once work starts."""
+    state: dict[str, object] = {}
+
+    def update(done: int, total: int) -> None:
+        bar = state.get("bar")
+        if bar is None:
+            bar = typer.progressbar(length=total, label=label, file=sys.stderr)
+            bar.__enter__()
+            state["bar"] = bar
+        bar.update(done - int(state.get("done", 0)))  # type: ignore[attr-defined]
+        state["done"] = done
+        if done >= total:
+            bar.__exit__(None, None, None)  # type: ignore[attr-defined]
+
+    return update
+
+
+@prepare_app.command("amazon")
+def prepare_amazon_cmd(
+    reviews: str = typer.Option(..., help="reviews dump: reviews_<Cat>.json.gz (2014), <Cat>.json.gz (2018), <Cat>.jsonl (2023); local or s3://"),
+    meta: str = typer.Option(..., help="metadata dump: meta_<Cat>.json(l)(.gz); local or s3://"),
+    out: str = typer.Option(..., help="output dataset: local dir or s3:// prefix"),
+    fmt: str = typer.Option("auto", "--format", help="auto | 2014 | 2018 | 2023"),
+    k: int = typer.Option(5, help="k-core threshold for users and items"),
+    max_history: int = typer.Option(10, help="history items kept per split row"),
+    copy_images: bool = typer.Option(False, "--copy-images", help="copy item images into <out>/images (items whose image fails are dropped, counted)"),
+    concurrency: int = typer.Option(16, help="parallel image downloads with --copy-images"),
+    name: str = typer.Option(None, help="dataset name for the Table 3 row (default: the out path's last part)"),
+    endpoint: str = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
+) -> None:
+    """Prepare an Amazon Reviews category: 5-core, chronological leave-one-out splits, Table 3 stats."""
+    import json
+
+    from vlm2rec_ray.data.amazon import prepare_amazon
+    from vlm2rec_ray.data.splits import format_table3
+    from vlm2rec_ray.storage import StorageError
+
+    try:
+        result = prepare_amazon(reviews, meta, out, fmt=fmt, k=k, max_history=max_history, endpoint=endpoint,
+                                copy_images=copy_images, image_concurrency=concurrency)
+    except (ValueError, FileNotFoundError, StorageError) as e:
+        fail(str(e))
+    report = result["report"]
+    typer.echo(format_table3(result["stats"], name or out.rstrip("/").rsplit("/", 1)[-1]))
+    typer.echo(f"dropped items: {json.dumps(report['dropped_items'])}; duplicate interactions: "
+               f"{report['duplicate_interactions']}; k-core: {json.dumps(report['kcore'])}; "
+               f"malformed lines: {json.dumps(report['line_problems'])}")
+    if "images" in report:
+        typer.echo(f"images: {json.dumps(report['images'])}")
+    typer.echo(f"wrote {out} (details in report.json)")
+
+
+@prepare_app.command("images")
+def prepare_images_cmd(
+    dataset: str = typer.Option(..., help="prepared dataset (local dir or s3:// prefix) whose catalog has remote image URLs"),
+    concurrency: int = typer.Option(16, help="parallel downloads"),
+    retries: int = typer.Option(3, help="retries per image on transient errors (5xx, timeouts)"),
+    max_bytes: int = typer.Option(20_000_000, help="skip images larger than this (reason too_large)"),
+    timeout: float = typer.Option(30.0, help="per-request timeout in seconds"),
+    endpoint: str = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
+) -> None:
+    """Copy catalog images into <dataset>/images and point the catalog at them; failures by reason."""
+    from vlm2rec_ray.data.prepare_images import prepare_images
+    from vlm2rec_ray.storage import StorageError
+
+    try:
+        summary = prepare_images(dataset, endpoint=endpoint, concurrency=concurrency, retries=retries,
+                                 max_bytes=max_bytes, timeout_s=timeout, progress=_progress("images"))
+    except (ValueError, FileNotFoundError, StorageError) as e:
+        fail(str(e))
+    counts = ", ".join(f"{k}={v}" for k, v in summary["counts"].items()) or "none"
+    typer.echo(f"images: {summary['ok']} ok, {summary['failed']} failed, {summary['skipped_local']} already local")
+    typer.echo(f"counts: {counts}")
+    if summary["failed"]:
+        typer.echo(f"failed items (with reasons): {summary['errors_uri']}")
+
+
+@prepare_app.command("synthetic")
+def prepare_synthetic_cmd(
+    out: str = typer.Option(..., help="output dataset: local dir or s3:// prefix"),
+    num_items: int = typer.Option(300, help="catalog size"),
+    num_users: int = typer.Option(200, help="number of users (one sequence each)"),
+    image_only_signal: float = typer.Option(0.5, help="share of next-item signal visible only in images (0..1)"),
+    seed: int = typer.Option(0, help="random seed (same seed, same data and images)"),
+    image_size: int = typer.Option(64, help="image side in pixels"),
+    noise: float = typer.Option(0.0, help="share of random steps in the sequences"),
+    endpoint: str = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
+) -> None:
+    """Generate the synthetic multimodal benchmark (title-only and image-only item attributes)."""
+    from vlm2rec_ray.data.splits import format_table3
+    from vlm2rec_ray.data.synthetic import generate_synthetic
+    from vlm2rec_ray.storage import StorageError
+
+    try:
+        stats = generate_synthetic(out, num_items=num_items, num_users=num_users, image_only_signal=image_only_signal,
+                                   seed=seed, image_size=image_size, noise=noise, endpoint=endpoint)
+    except (ValueError, StorageError) as e:
+        fail(str(e))
+    typer.echo(format_table3(stats, f"synthetic(s={image_only_signal:g})"))
+    typer.echo(f"wrote {out}")
+
+
 # --- train ------------------------------------------------------------------------------------------------
 
 # --- embed ------------------------------------------------------------------------------------------------
