@@ -146,6 +146,11 @@ class PenaltyParameters(nn.Module):
             return (self.beta_min + F.softplus(self.rho_beta.float())).reshape(())
         return self.fixed_beta.float().reshape(())
 
+    def forward(self) -> tuple[Tensor, Tensor]:
+        """``(alpha, beta)``. Called as a module inside the objective's forward so ZeRO-3's hooks gather the
+        (partitioned) parameters first; the properties are for logging outside a forward pass."""
+        return self.alpha, self.beta
+
     def extra_repr(self) -> str:
         return f"learnable={self.learnable}, beta_min={self.beta_min}"
 
@@ -182,7 +187,7 @@ class VLM2RecObjective(nn.Module):
     def forward(self, z_t: Tensor, z_v: Tensor, e_t: Tensor, e_v: Tensor,
                 neg_mask: Tensor | None = None) -> LossOutput:
         z_t, z_v, e_t, e_v = (_upcast(x) for x in (z_t, z_v, e_t, e_v))
-        alpha, beta = self.alpha, self.beta
+        alpha, beta = self.penalty()
         if z_t.dtype == torch.float64:
             alpha, beta = alpha.double(), beta.double()
         return self.loss_fn(z_t, z_v, e_t, e_v, tau_wpcl=self.tau_wpcl, tau_crtr=self.tau_crtr, lam=self.lam,
