@@ -174,6 +174,62 @@ def prepare_synthetic_cmd(
 # --- evaluate / demo --------------------------------------------------------------------------------------
 
 
+@app.command()
+def evaluate(
+    args: list[str] = typer.Argument(None, help="key=value overrides of the config (e.g. name=VLM2Rec "
+                                     "task2.epochs=5); with --compare: the evaluate output dirs to compare"),
+    config: str = typer.Option(None, "--config", "-c", help="EvalJobConfig YAML (e.g. jobs/configs/evaluate.yaml)"),
+    compare: bool = typer.Option(False, "--compare", help="compare finished runs: ARGS are their output dirs "
+                                 "(each holding eval.json); prints one table"),
+    details: bool = typer.Option(False, "--details", help="with --compare: also print every table"),
+    report: str = typer.Option(None, "--report", help="with --compare: write report.html + PNGs for all runs here"),
+    endpoint: str = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
+) -> None:
+    """Task 1, modality dropout, geometry, Task 2 and a report for one run; or --compare several runs."""
+    from vlm2rec_ray.config import ConfigError, EvalJobConfig, load_config
+    from vlm2rec_ray.eval.compare import compare_runs, load_result
+    from vlm2rec_ray.storage import StorageError
+
+    args = list(args or [])
+    if compare:
+        if not args:
+            fail("--compare needs the output dirs of finished `vlm2rec evaluate` runs, e.g. --compare runs/sft runs/vlm2rec")
+        try:
+            results = [load_result(a, endpoint=endpoint) for a in args]
+            typer.echo(compare_runs(results, details=details))
+            if report:
+                from vlm2rec_ray.eval.report import load_training_metrics, write_report
+
+                histories = {}
+                for r in results:
+                    uri = (r.get("config") or {}).get("training_metrics_uri")
+                    if uri:
+                        try:
+                            histories[r["name"]] = load_training_metrics(uri, endpoint=endpoint)
+                        except FileNotFoundError as e:
+                            typer.secho(f"warning: {e}", fg=typer.colors.YELLOW, err=True)
+                out = write_report(report, results, histories, title="VLM2Rec: comparison", endpoint=endpoint)
+                typer.echo(f"report: {out['html']}")
+        except (FileNotFoundError, ValueError, StorageError) as e:
+            fail(str(e))
+        return
+    if details or report:
+        fail("--details and --report go with --compare; a single run writes its report to output_uri")
+    from vlm2rec_ray.eval.runner import run_evaluation
+
+    try:
+        cfg = load_config(EvalJobConfig, config, args)
+        result = run_evaluation(cfg, progress=lambda m: typer.echo(m, err=True))
+    except ConfigError as e:
+        fail(str(e))
+    except (FileNotFoundError, ValueError, StorageError) as e:
+        fail(str(e), code=1)
+    typer.echo(compare_runs([result], details=True))
+    if "report" in result:
+        typer.echo(f"report: {result['report']['html']}")
+    typer.echo(f"wrote {cfg.output_uri}/eval.json")
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

@@ -198,3 +198,81 @@ def config_hash(cfg: BaseModel) -> str:
     """A stable short hash of a config's values (recorded in manifests and model cards)."""
     blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --- evaluate (eval/) -------------------------------------------------------------------------------------
+
+
+class Task2Config(_Part):
+    """Task 2: SASRec / GRU4Rec (d=128) with ID-only vs our-embeddings (linear adapter) item tables."""
+
+    enabled: bool = True
+    models: list[Literal["sasrec", "gru4rec"]] = Field(default_factory=lambda: ["sasrec", "gru4rec"])
+    dim: int = Field(128, gt=0, description="hidden size of the sequential models (paper: 128)")
+    max_len: int = Field(10, ge=1, description="history items fed to the models")
+    num_blocks: int = Field(2, ge=1, le=8, description="SASRec self-attention blocks")
+    num_heads: int = Field(2, ge=1)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    seed: int = 0
+    embedding_column: Literal["emb_fused", "emb_text", "emb_image"] = "emb_fused"
+    num_threads: int | None = Field(1, ge=1, description="torch CPU threads while training (tiny models run "
+                                    "fastest on 1; raise for large catalogs; null = torch's default)")
+
+    @model_validator(mode="after")
+    def _heads(self) -> Task2Config:
+        if self.dim % self.num_heads:
+            raise ValueError(f"task2.dim={self.dim} is not divisible by task2.num_heads={self.num_heads}; "
+                             "pick num_heads among the divisors of dim (e.g. 2 or 4)")
+        return self
+
+
+class EvalJobConfig(_Part):
+    """``vlm2rec evaluate``: Task 1, modality dropout, geometry, Task 2 and the report for one run.
+
+    Reads the run's item and sequence embeddings (the embed job's output; ``dt`` picks a snapshot, default
+    the latest) and the dataset's splits; writes ``eval.json`` and ``report.html`` + PNGs to ``output_uri``.
+    """
+
+    name: str = Field("run", description="run name shown in tables and plots, e.g. VLM2Rec")
+    dataset_uri: str = Field(description="prepared dataset (local dir or s3:// prefix) with splits/")
+    item_embeddings_uri: str = Field(description="item embeddings written by `vlm2rec embed items`")
+    sequence_embeddings_uri: str = Field(description="test-split sequence embeddings (`vlm2rec embed sequences`)")
+    dt: str | None = Field(None, description="snapshot partition (dt=...) to read; default the latest")
+    output_uri: str = Field(description="where eval.json and the report go (local dir or s3:// prefix)")
+    training_metrics_uri: str | None = Field(None, description="per-step training metrics (JSONL/CSV file or "
+                                             "the train output dir holding one) for the loss and alignment plots")
+    num_negatives: int = Field(100, ge=1, description="sampled negatives per user (paper: 100)")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="negative-sampling seeds")
+    ks: list[int] = Field(default_factory=lambda: [10, 20], description="Hit@k / NDCG@k cut-offs")
+    full_ranking: bool = Field(True, description="also rank against the whole catalog")
+    dropout: bool = Field(True, description="modality dropout table (f2f, t2f, v2f)")
+    geometry: bool = Field(True, description="geometry table (A_pos, A_neg, U, S per modality)")
+    geometry_max_users: int = Field(2000, ge=2)
+    geometry_max_items: int = Field(5000, ge=2)
+    task2: Task2Config = Field(default_factory=Task2Config)
+    report: bool = Field(True, description="write report.html + PNGs")
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}", v):
+            raise ValueError(f"name={v!r} must be 1-64 letters, digits or _.+- (it names files and table rows)")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("seeds is empty; give at least one negative-sampling seed, e.g. seeds=[0]")
+        return v
+
+    @field_validator("ks")
+    @classmethod
+    def _ks(cls, v: list[int]) -> list[int]:
+        if not v or any(k < 1 for k in v) or len(set(v)) != len(v):
+            raise ValueError(f"ks={v} must be distinct positive cut-offs, e.g. [10, 20]")
+        return v
