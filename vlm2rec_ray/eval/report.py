@@ -5,7 +5,9 @@ Figures (matplotlib, Agg backend, no display needed):
 - ``dropout.png`` (the paper's Fig. 1a): Hit@10 and NDCG@10 of the f2f, t2f and v2f queries, one group of
   bars per run;
 - ``grad_alignment.png`` (Fig. 1b): cos(g_total, g_T) and cos(g_total, g_V) against the training step;
-- ``loss.png``: the training losses (total, WPCL / InfoNCE, CRTR) against the step.
+- ``loss.png``: the training losses (total, WPCL / InfoNCE, CRTR) against the step;
+- ``penalty.png`` (when logged): the modality margins M^T, M^V and the learnable alpha, beta, so a
+  penalty that drifts to its floor is visible.
 
 Tables: Task 1 (sampled and full ranking), modality dropout, geometry (Table 1 layout: one row per run,
 A_pos / A_neg / U / S per modality) and Task 2 (from :mod:`vlm2rec_ray.eval.compare`).
@@ -43,6 +45,11 @@ LOSS_KEYS: dict[str, tuple[str, ...]] = {
     "wpcl": ("loss/wpcl", "loss_wpcl", "train/loss_wpcl", "loss/infonce"),
     "crtr": ("loss/crtr", "loss_crtr", "train/loss_crtr"),
 }
+PENALTY_KEYS: dict[str, tuple[str, ...]] = {
+    "beta": ("beta", "penalty/beta", "wpcl/beta"),
+    "alpha": ("alpha", "penalty/alpha", "wpcl/alpha"),
+}
+MARGIN_KEYS = {"text": ("margin_text", "margin/text"), "image": ("margin_image", "margin/image")}
 METRICS_FILES = ("metrics.jsonl", "metrics.csv", "metrics.json", "progress.csv", "train_metrics.jsonl")
 _DROPOUT_COLOURS = {"f2f": "#4c72b0", "t2f": "#dd8452", "v2f": "#55a868"}
 
@@ -53,6 +60,7 @@ __all__ = [
     "plot_dropout",
     "plot_grad_alignment",
     "plot_losses",
+    "plot_penalty",
     "series",
     "write_report",
 ]
@@ -128,9 +136,14 @@ def _number(value: Any) -> float | None:
 def series(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> tuple[list[float], list[float]]:
     """``(steps, values)`` of the first key in ``keys`` present in the rows (rows without it are skipped).
 
-    The step is the row's ``step`` (or another of :data:`STEP_KEYS`), else its position.
+    A key also matches under any prefix (``train/cos_total_text`` matches ``cos_total_text``), so trainers
+    that namespace their metrics need no mapping. The step is the row's ``step`` (or another of
+    :data:`STEP_KEYS`), else its position.
     """
-    key = next((k for k in keys if any(_number(r.get(k)) is not None for r in rows)), None)
+    present = {k for r in rows for k, v in r.items() if _number(v) is not None}
+    key = next((k for k in keys if k in present), None)
+    if key is None:
+        key = next((p for k in keys for p in sorted(present) if p.endswith("/" + k)), None)
     if key is None:
         return [], []
     xs, ys = [], []
@@ -160,16 +173,25 @@ def _empty(ax, text: str) -> None:  # type: ignore[no-untyped-def]
 
 
 def plot_dropout(results: Sequence[dict[str, Any]], path: str | Path, *, k: int = 10) -> Path:
-    """Fig. 1a: grouped bars of f2f / t2f / v2f Hit@k and NDCG@k per run. Returns the PNG path."""
+    """Fig. 1a: grouped bars of f2f / t2f / v2f Hit@k and NDCG@k per run. Returns the PNG path.
+
+    Up to three runs the two metrics sit side by side; more runs stack them so the labels stay legible.
+    """
     plt = _pyplot()
-    named = [(r.get("name", f"run{i}"), r.get("dropout") or {}) for i, r in enumerate(results)]
-    fig, axes = plt.subplots(1, 2, figsize=(max(7.0, 2.2 * len(named) + 3.0), 4.2), squeeze=False)
-    for ax, metric in zip(axes[0], (f"hit@{k}", f"ndcg@{k}"), strict=True):
-        have = [(n, d) for n, d in named if d]
+    have = [(r.get("name", f"run{i}"), r["dropout"]) for i, r in enumerate(results) if r.get("dropout")]
+    many = len(have) > 3
+    if many:
+        fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 1.25 * len(have) + 2.0), 8.0), squeeze=False)
+        panels = [axes[0][0], axes[1][0]]
+    else:
+        fig, axes = plt.subplots(1, 2, figsize=(max(7.0, 2.2 * max(len(have), 1) + 3.0), 4.2), squeeze=False)
+        panels = list(axes[0])
+    width = 0.8 / 3
+    for ax, metric in zip(panels, (f"hit@{k}", f"ndcg@{k}"), strict=True):
+        label = metric.replace("hit", "Hit").replace("ndcg", "NDCG")
         if not have:
             _empty(ax, "modality dropout not computed")
             continue
-        width = 0.8 / 3
         top = 0.0
         for j, query in enumerate(("f2f", "t2f", "v2f")):
             xs = [i + (j - 1) * width for i in range(len(have))]
@@ -178,21 +200,20 @@ def plot_dropout(results: Sequence[dict[str, Any]], path: str | Path, *, k: int 
             for bar, y in zip(bars, ys, strict=True):
                 if math.isfinite(y):
                     top = max(top, y)
-                    ax.annotate(f"{y:.3f}", (bar.get_x() + bar.get_width() / 2, y), ha="center", va="bottom",
-                                fontsize=7, xytext=(0, 2), textcoords="offset points")
-        ax.set_xticks(range(len(have)), [n for n, _ in have], rotation=20 if len(have) > 3 else 0, ha="right" if len(have) > 3 else "center")
+                    ax.annotate(f"{y:.2f}" if many else f"{y:.3f}", (bar.get_x() + bar.get_width() / 2, y),
+                                ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
+        ax.set_xticks(range(len(have)), [n for n, _ in have], rotation=15 if many else 0,
+                      ha="right" if many else "center")
         ax.set_ylim(0, max(top * 1.18, 0.05))
-        ax.set_ylabel(metric.replace("hit", "Hit").replace("ndcg", "NDCG"))
-        ax.set_title(f"Modality dropout: {metric.replace('hit', 'Hit').replace('ndcg', 'NDCG')}")
+        ax.set_ylabel(label)
+        ax.set_title(f"Modality dropout: {label}")
         ax.grid(axis="y", alpha=0.3)
-    handles, labels = next(((a.get_legend_handles_labels()) for a in axes[0] if a.get_legend_handles_labels()[0]),
-                           ([], []))
+    handles, labels = panels[0].get_legend_handles_labels()
     if handles:
-        labels = [{"f2f": "f2f: fused query", "t2f": "t2f: text-only query",
-                   "v2f": "v2f: image-only query"}[lab] for lab in labels]
-        fig.legend(handles, labels, loc="upper center", ncol=3, fontsize=9, frameon=False,
+        names = {"f2f": "f2f: fused query", "t2f": "t2f: text-only query", "v2f": "v2f: image-only query"}
+        fig.legend(handles, [names[lab] for lab in labels], loc="upper center", ncol=3, fontsize=9, frameon=False,
                    title="against fused items", title_fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.86))
+    fig.tight_layout(rect=(0, 0, 1, 0.92 if many else 0.86))
     out = Path(path)
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -202,17 +223,25 @@ def plot_dropout(results: Sequence[dict[str, Any]], path: str | Path, *, k: int 
 def _line_panels(histories: dict[str, list[dict[str, Any]]], panels: dict[str, tuple[str, ...]],
                  titles: dict[str, str], ylabel: str, path: str | Path, *, ylim: tuple[float, float] | None = None,
                  hline: float | None = None) -> Path:
+    """One panel per curve, one line per run (same colour in every panel), one legend below the panels."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 3.8), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ("-", "--", ":", "-.")
+    legend_rows = math.ceil(len(histories) / 4)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 3.6 + 0.3 * legend_rows), squeeze=False)
+    legend: dict[str, Any] = {}
     for ax, (panel, keys) in zip(axes[0], panels.items(), strict=True):
         drawn = 0
         for i, (run, rows) in enumerate(histories.items()):
             xs, ys = series(rows, keys)
             if not xs:
                 continue
-            ax.plot(xs, ys, label=run, color=colours[i % len(colours)], linewidth=1.4,
-                    marker="o" if len(xs) <= 30 else None, markersize=3)
+            # Colour and dash both vary, so runs stay distinguishable past the 10-colour cycle and where
+            # curves overlap.
+            (line,) = ax.plot(xs, ys, label=run, color=colours[i % len(colours)], linewidth=1.5,
+                              linestyle=styles[(i // len(colours) + i) % len(styles)] if len(histories) > 2 else "-",
+                              marker="o" if len(xs) <= 30 else None, markersize=3)
+            legend.setdefault(run, line)
             drawn += 1
         ax.set_title(titles[panel])
         if not drawn:
@@ -225,8 +254,10 @@ def _line_panels(histories: dict[str, list[dict[str, Any]]], panels: dict[str, t
         ax.set_xlabel("training step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    if legend:
+        fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(len(legend), 4), fontsize=9,
+                   frameon=False)
+    fig.tight_layout(rect=(0, 0.03 + 0.05 * legend_rows if legend else 0, 1, 1))
     out = Path(path)
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -238,6 +269,49 @@ def plot_grad_alignment(histories: dict[str, list[dict[str, Any]]], path: str | 
     return _line_panels(histories, GRAD_ALIGN_KEYS,
                         {"text": "cos(g_total, g_T)  (text path)", "image": "cos(g_total, g_V)  (image path)"},
                         "cosine", path, ylim=(-1.05, 1.05), hline=0.0)
+
+
+def plot_penalty(histories: dict[str, list[dict[str, Any]]], path: str | Path) -> Path | None:
+    """WPCL internals: the modality margins M^T, M^V (eq. 6) and the learnable alpha, beta (eqs. 8-9) per run.
+
+    Returns the PNG path, or None when none of these were logged (e.g. an SFT run).
+    """
+    if not any(series(rows, keys)[0] for rows in histories.values()
+               for keys in (*MARGIN_KEYS.values(), PENALTY_KEYS["beta"], PENALTY_KEYS["alpha"])):
+        return None
+    plt = _pyplot()
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(1, 3, figsize=(15.0, 3.9 + 0.3 * math.ceil(len(histories) / 4)), squeeze=False)
+    ax = axes[0][0]
+    for i, (run, rows) in enumerate(histories.items()):
+        for mod, dash in (("text", "-"), ("image", "--")):
+            xs, ys = series(rows, MARGIN_KEYS[mod])
+            if xs:
+                ax.plot(xs, ys, color=colours[i % len(colours)], linestyle=dash, linewidth=1.4, label=f"{run}: {mod}")
+    ax.set_title("modality margin M (eq. 6): text solid, image dashed")
+    if ax.lines:
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    else:
+        _empty(ax, "margins not logged")
+    for ax, name, title in ((axes[0][1], "beta", "beta (penalty scale; floored)"), (axes[0][2], "alpha", "alpha")):
+        for i, (run, rows) in enumerate(histories.items()):
+            xs, ys = series(rows, PENALTY_KEYS[name])
+            if xs:
+                ax.plot(xs, ys, color=colours[i % len(colours)], linewidth=1.4, label=run)
+        ax.set_title(title)
+        if ax.lines:
+            ax.set_xlabel("training step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        else:
+            _empty(ax, f"{name} not logged")
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
 
 
 def plot_losses(histories: dict[str, list[dict[str, Any]]], path: str | Path) -> Path:
@@ -287,7 +361,8 @@ def _render_html(title: str, results: Sequence[dict[str, Any]], figures: dict[st
         if section == "dropout" and "dropout" in figures:
             parts.append(f"<img src='{figures['dropout']}' alt='modality dropout bars'>")
     parts.append("<h2>Training</h2>")
-    for key, alt in (("grad_alignment", "gradient alignment"), ("loss", "loss curves")):
+    for key, alt in (("grad_alignment", "gradient alignment"), ("loss", "loss curves"),
+                     ("penalty", "WPCL margins and penalty parameters")):
         if key in figures:
             parts.append(f"<img src='{figures[key]}' alt='{alt}'>")
     for n in notes:
@@ -334,6 +409,8 @@ def write_report(
             plot_losses(histories, local / "loss.png")
             figures["grad_alignment"] = "grad_alignment.png"
             figures["loss"] = "loss.png"
+            if plot_penalty(histories, local / "penalty.png") is not None:
+                figures["penalty"] = "penalty.png"
         (local / "report.html").write_text(_render_html(title, results, figures, notes), encoding="utf-8")
         out: dict[str, str] = {}
         for name in ("report.html", *figures.values()):

@@ -27,7 +27,8 @@ def _history(kind: str, steps: int = 40) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"step": s * 10, "loss/total": 3 * math.exp(-s / 10) + 0.5}
         if kind == "vlm2rec":
             row.update({"loss/wpcl": row["loss/total"] - 0.1, "loss/crtr": 0.1 * math.exp(-s / 8),
-                        "grad_align/text": 0.9 - 0.3 * s / steps, "grad_align/image": 0.1 + 0.6 * s / steps})
+                        "grad_align/text": 0.9 - 0.3 * s / steps, "grad_align/image": 0.1 + 0.6 * s / steps,
+                        "train/margin_text": 0.4, "train/margin_image": 0.1 + s / steps / 4, "train/beta": 1 - s / steps})
         else:  # another trainer's spelling of the same curves
             row.update({"cos_total_text": 0.98, "cos_total_image": 0.05})
         rows.append(row)
@@ -63,13 +64,15 @@ def test_training_metrics_readers(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"no training metrics"):
         load_training_metrics(str(tmp_path / "nothing"))
     assert series(rows, ("absent",)) == ([], [])
+    prefixed = [{"train/step": 3, "train/cos_total_text": 0.5}, {"train/step": 4, "train/cos_total_text": "nan"}]
+    assert series(prefixed, ("grad_align/text", "cos_total_text")) == ([3.0], [0.5])  # NaN rows skipped
 
 
 def test_report_html_and_pngs(tmp_path: Path) -> None:
     results = [_result("VLM_SFT", 0.15), _result("VLM2Rec", 0.4)]
     out = write_report(str(tmp_path / "rep"), results, {"VLM_SFT": _history("sft"), "VLM2Rec": _history("vlm2rec")})
-    assert set(out) == {"html", "dropout", "grad_alignment", "loss"}
-    for key in ("dropout", "grad_alignment", "loss"):
+    assert set(out) == {"html", "dropout", "grad_alignment", "loss", "penalty"}
+    for key in ("dropout", "grad_alignment", "loss", "penalty"):
         with Image.open(out[key]) as im:
             assert im.format == "PNG" and im.width >= 600 and im.height >= 300
     page = Path(out["html"]).read_text()
@@ -77,6 +80,8 @@ def test_report_html_and_pngs(tmp_path: Path) -> None:
                  "src='grad_alignment.png'", "src='loss.png'", "0.1500", "3 no sequence embedding"):
         assert text in page, text
     # No training metrics (e.g. VLM_Vanilla): no curves, and the page says why instead of failing.
+    sft_only = write_report(str(tmp_path / "sft"), results[:1], {"VLM_SFT": _history("sft")})
+    assert "penalty" not in sft_only  # nothing of WPCL was logged, so no empty figure
     out2 = write_report(str(tmp_path / "rep2"), [_result("VLM_Vanilla", 0.1)], {"VLM_Vanilla": []})
     assert set(out2) == {"html", "dropout"}
     assert "No training metrics were given" in Path(out2["html"]).read_text()
