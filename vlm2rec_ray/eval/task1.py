@@ -218,7 +218,7 @@ def align_task1_inputs(seq_table: pa.Table, item_table: pa.Table, test_split: pa
 
 
 def sampled_scores(query_emb: np.ndarray, item_emb: np.ndarray, targets: np.ndarray,
-                   negatives: np.ndarray) -> np.ndarray:
+                   negatives: np.ndarray, *, max_chunk_bytes: int = 256 << 20) -> np.ndarray:
     """Cosine similarity of each query to its target (column 0) and its negatives.
 
     Args:
@@ -226,14 +226,20 @@ def sampled_scores(query_emb: np.ndarray, item_emb: np.ndarray, targets: np.ndar
         item_emb: ``[N, d]`` item embeddings.
         targets: ``[U]`` item row of the positive.
         negatives: ``[U, K]`` item rows of the negatives.
+        max_chunk_bytes: memory bound for the gathered ``[u, 1+K, d]`` candidate block (users are chunked).
 
     Returns:
         ``[U, 1 + K]`` float32 scores, the positive first.
     """
     q = l2_normalize(query_emb.astype(np.float32, copy=False))
+    items = l2_normalize(item_emb.astype(np.float32, copy=False))
     cands = np.concatenate([targets[:, None], negatives], axis=1)  # (U, 1+K)
-    items = l2_normalize(item_emb.astype(np.float32, copy=False))[cands]  # (U, 1+K, d)
-    return np.einsum("ud,ukd->uk", q, items)
+    out = np.empty(cands.shape, dtype=np.float32)
+    step = max(1, max_chunk_bytes // max(1, cands.shape[1] * items.shape[1] * 4))
+    for start in range(0, len(q), step):
+        stop = start + step
+        out[start:stop] = np.einsum("ud,ukd->uk", q[start:stop], items[cands[start:stop]])  # (u, 1+K)
+    return out
 
 
 def _mean_std(per_seed: list[dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
