@@ -209,6 +209,8 @@ def _read_reviews(uri: str, fmt: str, endpoint: str | None, problems: LineProble
     lines = 0
     for line_no, rec in _iter_records(uri, problems, endpoint):
         lines += 1
+        if lines % 1_000_000 == 0:
+            log.info("reviews %s: %d lines read", uri, lines)
         if fmt == "auto":
             fmt = detect_review_format(rec)
             log.info("reviews %s: format %s", uri, fmt)
