@@ -218,7 +218,7 @@ def evaluate(
     from vlm2rec_ray.eval.runner import run_evaluation
 
     try:
-        cfg = load_config(EvalJobConfig, config, args)
+        cfg = load_config(EvalJobConfig, config, args + ([f"storage.endpoint_url={endpoint}"] if endpoint else []))
         result = run_evaluation(cfg, progress=lambda m: typer.echo(m, err=True))
     except ConfigError as e:
         fail(str(e))

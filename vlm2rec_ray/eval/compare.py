@@ -19,7 +19,7 @@ RESULT_FILE = "eval.json"
 Table = tuple[list[str], list[list[str]]]
 
 TABLE_NOTES = {
-    "task1": "Task 1: the target ranked by cosine(sequence, item) among 100 negatives drawn uniformly from items "
+    "task1": "Task 1: the target ranked by cosine(sequence, item) among sampled negatives (paper: 100) drawn uniformly from items "
              "outside the user's history (mean ± std over seeds); 'full' ranks against the whole catalog.",
     "dropout": "Modality dropout (paper Fig. 1a): f2f = fused query, t2f = text-only query, v2f = image-only "
                "query, always against fused items. A large f2f-v2f gap with f2f ≈ t2f means the image path "
@@ -28,7 +28,7 @@ TABLE_NOTES = {
                 "cos(sequence, target), A_neg = mean cos(sequence, non-interacted item), S = A_pos - A_neg "
                 "(higher = better separated), U = log mean exp(-2||e_i - e_j||^2) over items (lower = more uniform).",
     "task2": "Task 2: SASRec / GRU4Rec (d=128) with randomly initialised ID embeddings ('id') or our frozen item "
-             "embeddings through a trainable linear adapter ('ours'); same 100-negative protocol.",
+             "embeddings through a trainable linear adapter ('ours'); same sampled-negative protocol as Task 1.",
 }
 
 __all__ = ["RESULT_FILE", "TABLE_NOTES", "compare_runs", "format_table", "load_result", "summary_table", "tables"]
