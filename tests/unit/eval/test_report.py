@@ -160,3 +160,25 @@ def test_job_entry_point(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert result["name"] == "VLM2Rec" and "task2" not in result and "report" not in result
     assert job.main(["task2.dim=10", "task2.num_heads=4"]) == 2
+
+
+def test_embedding_snapshot_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Latest dt= partition by default, several files concatenated; errors tables and hidden files skipped."""
+    from vlm2rec_ray.eval.runner import read_embedding_table
+
+    w = world(num_users=4, num_items=10)
+    items = w["items"]
+    for dt, table in (("2026-01-01", items.slice(0, 2)), ("2026-01-02", items.slice(0, 6))):
+        (tmp_path / "items" / f"dt={dt}").mkdir(parents=True)
+        pq.write_table(table.slice(0, 3), tmp_path / "items" / f"dt={dt}" / "part-0.parquet")
+        pq.write_table(table.slice(3), tmp_path / "items" / f"dt={dt}" / "part-1.parquet")
+    (tmp_path / "items" / "errors" / "dt=2026-01-03").mkdir(parents=True)
+    pq.write_table(items.slice(0, 1), tmp_path / "items" / "errors" / "dt=2026-01-03" / "part-0.parquet")
+    pq.write_table(items, tmp_path / "items" / "dt=2026-01-02" / ".part-2.parquet.tmp.parquet")
+    monkeypatch.chdir(tmp_path)  # relative URIs resolve like absolute ones
+    assert read_embedding_table("items").num_rows == 6
+    assert read_embedding_table("items", "2026-01-01").num_rows == 2
+    with pytest.raises(FileNotFoundError, match=r"no snapshot dt=2020-01-01 .*available: \['2026-01-01', '2026-01-02'\]"):
+        read_embedding_table("items", "2020-01-01")
+    with pytest.raises(FileNotFoundError, match=r"no embeddings at nowhere"):
+        read_embedding_table("nowhere")
