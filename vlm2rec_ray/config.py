@@ -276,3 +276,125 @@ class EvalJobConfig(_Part):
         if not v or any(k < 1 for k in v) or len(set(v)) != len(v):
             raise ValueError(f"ks={v} must be distinct positive cut-offs, e.g. [10, 20]")
         return v
+
+
+# --- embed (embed/) ---------------------------------------------------------------------------------------
+
+_DT_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+class EmbedJobConfig(_Part):
+    """``vlm2rec embed items|sequences``: stream a catalog (or a split's user histories) from object storage
+    through model actors into Parquet embedding snapshots (``<output_uri>/<items|sequences>/dt=<dt>/``).
+
+    Items read ``catalog_uri`` (a Parquet/JSONL file or prefix; default ``<dataset_uri>/catalog.parquet``);
+    sequences read ``<dataset_uri>/splits/<split>.parquet`` and look titles and images up in that catalog.
+    Rows that fail (missing or corrupt image, empty title) go to the run's errors table; the job fails if
+    their share exceeds ``max_failure_fraction``. ``incremental`` encodes only new or changed rows (by
+    ``content_hash``) and carries unchanged ones over from the previous snapshot.
+    """
+
+    model: ModelConfig
+    model_version: str = Field(description="version of the model's weights (e.g. the training run id); written "
+                               "in every row and part of content_hash, so a new version re-embeds everything")
+    output_uri: str = Field(description="root for snapshots: <output_uri>/items/dt=... and <output_uri>/sequences/dt=...")
+    catalog_uri: str | None = Field(None, description="catalog Parquet/JSONL file or prefix; default "
+                                    "<dataset_uri>/catalog.parquet")
+    dataset_uri: str | None = Field(None, description="prepared dataset (splits/ for sequences, catalog.parquet)")
+    split: Literal["train", "valid", "test"] = Field("test", description="split whose histories `embed sequences` "
+                                                      "encodes (one row per user)")
+    dt: str | None = Field(None, description="snapshot date YYYY-MM-DD (dt= partition); default today (UTC)")
+    batch_size: int = Field(32, ge=1, description="rows per model forward in each actor")
+    num_actors: int = Field(1, ge=1, description="model actors (each holds one copy of the model)")
+    gpus_per_actor: float | None = Field(None, ge=0.0, description="GPUs per actor: a fraction (<1) shares a GPU, "
+                                         "a whole number >1 shards a large backbone; null = 1 on GPU clusters, 0 on CPU")
+    cpus_per_actor: float = Field(1.0, gt=0.0, description="CPUs per model actor (also its torch threads on CPU)")
+    preprocess_concurrency: int = Field(2, ge=1, description="concurrent CPU fetch/decode tasks")
+    preprocess_batch_size: int = Field(64, ge=1, description="rows per fetch/decode task batch")
+    preprocess_cpus: float = Field(0.5, gt=0.0, description="CPUs reserved per fetch/decode task (I/O bound)")
+    fetch_threads: int = Field(8, ge=1, le=256, description="parallel image GETs inside each fetch task")
+    max_image_bytes: int = Field(20_000_000, gt=0, description="images larger than this fail with too_large")
+    max_failure_fraction: float = Field(0.05, ge=0.0, le=1.0, description="fail the job (no snapshot published) "
+                                        "when failed rows / input rows exceeds this")
+    incremental: bool = Field(False, description="encode only new/changed rows; carry unchanged rows over from "
+                              "the latest snapshot on or before dt")
+    deterministic: bool | None = Field(None, description="group rows of identical shape into unpadded sub-batches "
+                                       "so an embedding never depends on its batch neighbours (bitwise-equal reruns "
+                                       "on CPU); null = on for CPU actors, off for GPU actors (plain padded batches)")
+    rows_per_file: int | None = Field(None, ge=1, description="rows per output Parquet file; default: about "
+                                      "target_file_mib of embeddings")
+    target_file_mib: int = Field(256, ge=1, le=4096, description="target output file size (DESIGN: 64-512 MiB)")
+    cache_mib: int = Field(256, ge=0, description="per-actor LRU cache of embeddings by content, per modality "
+                           "(identical titles/images are encoded once); 0 = dedup within a batch only")
+    progress: bool = Field(True, description="Ray Data progress bars")
+    endpoint_url: str | None = Field(None, description="S3 endpoint for data and output; default AWS_ENDPOINT_URL")
+    allowed_roots: list[str] = Field(default_factory=list, description="image_uri prefixes allowed; [] = any")
+
+    @field_validator("model_version", "dt", mode="before")
+    @classmethod
+    def _yaml_scalars(cls, v: Any) -> Any:
+        # YAML reads `dt: 2026-11-22` as a date and `model_version: 3` as an int; both are meant as text.
+        import datetime
+
+        if isinstance(v, (datetime.date, int, float)) and not isinstance(v, bool):
+            return v.isoformat() if isinstance(v, datetime.date) else str(v)
+        return v
+
+    @field_validator("model_version")
+    @classmethod
+    def _model_version(cls, v: str) -> str:
+        if not v.strip() or len(v) > 200:
+            raise ValueError(f"model_version={v!r} must be a non-empty string of at most 200 characters; use the "
+                             "training run id or checkpoint tag, e.g. model_version=vlm2rec-2026-11-20")
+        return v
+
+    @field_validator("output_uri")
+    @classmethod
+    def _output_uri(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("output_uri is empty; give a local dir or s3:// prefix, e.g. output_uri=s3://bucket/emb")
+        if v.startswith("s3://") and len(v[5:].split("/", 1)[0]) < 3:
+            raise ValueError(f"output_uri={v!r} has no valid bucket; write s3://<bucket>/<prefix>")
+        return v
+
+    @field_validator("dt")
+    @classmethod
+    def _dt(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        import datetime
+
+        try:
+            ok = bool(_DT_RE.fullmatch(v)) and datetime.date.fromisoformat(v).isoformat() == v
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"dt={v!r} is not a date YYYY-MM-DD; write e.g. dt=2026-11-22 (or leave it unset for today)")
+        return v
+
+    @field_validator("gpus_per_actor")
+    @classmethod
+    def _gpus(cls, v: float | None) -> float | None:
+        if v is not None and v > 1 and v != int(v):
+            raise ValueError(f"gpus_per_actor={v} is not valid: Ray gives an actor a fraction of one GPU (0 < x < 1) "
+                             "or whole GPUs; set e.g. gpus_per_actor=0.5, 1 or 2")
+        return v
+
+    @field_validator("allowed_roots")
+    @classmethod
+    def _roots(cls, v: list[str]) -> list[str]:
+        if any(not r.strip() for r in v):
+            raise ValueError(f"allowed_roots={v} holds an empty entry; list prefixes like s3://bucket/images/")
+        return v
+
+    @model_validator(mode="after")
+    def _inputs(self) -> EmbedJobConfig:
+        if self.catalog_uri is None and self.dataset_uri is None:
+            raise ValueError("neither catalog_uri nor dataset_uri is set; set catalog_uri=<catalog file or prefix> "
+                             "(items) or dataset_uri=<prepared dataset> (items and sequences)")
+        return self
+
+    @property
+    def data_endpoint(self) -> str | None:
+        """The S3 endpoint for catalog, images and output (falls back to the model's)."""
+        return self.endpoint_url or self.model.endpoint_url

@@ -1,0 +1,379 @@
+"""The model stage: :class:`EmbedPredictor`, a Ray Data actor that holds one copy of the model.
+
+Ray Data calls ``EmbedPredictor(config, kind, dim)`` once per actor (the model loads there, on its GPU(s)
+or CPU) and then ``predictor(batch)`` per batch of encode rows (``pyarrow.Table``, see
+:data:`vlm2rec_ray.embed.preprocess.ENCODE_ROW_SCHEMA`). It returns *sink rows*: ids, the three embeddings
+as ``fixed_size_list<float32, d>`` and small metadata; the pixels never leave the actor.
+
+What the actor computes per row (paper 2.2-2.3): ``emb_text`` = the titles through P_T, ``emb_image`` = the
+images through P_V, ``emb_fused`` = their element-wise sum (external fusion). With ``model.fusion:
+internal`` (the interleaved baseline), ``emb_fused`` is the interleaved prompt's embedding instead.
+
+Identical inputs are encoded once: within a batch rows are deduplicated by ``text_key`` / ``image_key``
+(hashes of the cleaned titles and of the image bytes), and an LRU cache per actor (``cache_mib``) keeps
+embeddings across batches. With one actor every distinct title/image of a run is encoded exactly once; with
+N actors at most N times (rows are not routed to actors by content).
+
+Determinism (``deterministic: true``, the default): an embedding must not depend on which rows share its
+batch, but Ray Data does not fix batch composition, and with left padding a row's result depends on the pad
+length (within ~1e-6, not bitwise). So the distinct prompts of a batch are grouped by exact shape (token
+count for text; the processor's resized image grid for images) and each group runs as unpadded
+sub-batches of at most ``batch_size``, in a fixed order. On CPU every row is then bitwise equal to the same
+row encoded alone (checked by tests/unit/embed/test_predictor.py). ``deterministic: false`` runs plain
+left-padded batches (faster on GPU, equal within ~1e-5).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from vlm2rec_ray.embed.schema import EMBEDDED_AT_TYPE, HISTORY_TYPE, embedding_type
+
+log = logging.getLogger(__name__)
+
+
+def sink_row_schema(dim: int) -> pa.Schema:
+    """Rows the model stage (and the carry-over / failed branches) hand to the snapshot sink."""
+    emb = embedding_type(dim)
+    return pa.schema([
+        ("key", pa.string()),
+        ("history", HISTORY_TYPE),
+        ("emb_text", emb),
+        ("emb_image", emb),
+        ("emb_fused", emb),
+        ("content_hash", pa.string()),
+        ("embedded_at", EMBEDDED_AT_TYPE),
+        ("status", pa.string()),  # "encoded" | "carried" | "failed"
+        ("change", pa.string()),  # "new" | "changed" | "unchanged" | ""
+        ("in_prev", pa.bool_()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("title", pa.string()),
+        ("image_uri", pa.string()),
+        ("failed_item_id", pa.string()),
+        ("texts_encoded", pa.int32()),  # forwards this row triggered (0 when served by dedup/cache)
+        ("images_encoded", pa.int32()),
+    ])
+
+
+class _LRU:
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.data: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def get(self, key: str) -> np.ndarray | None:
+        v = self.data.get(key)
+        if v is not None:
+            self.data.move_to_end(key)
+        return v
+
+    def put(self, key: str, value: np.ndarray) -> None:
+        if self.capacity <= 0:
+            return
+        self.data[key] = value
+        self.data.move_to_end(key)
+        while len(self.data) > self.capacity:
+            self.data.popitem(last=False)
+
+
+def _image_grid_fn(processor: Any) -> Callable[[int, int], tuple[int, int]]:
+    """``(width, height) -> the processor's resized (height, width)``: images with equal grids give prompts
+    of equal length (falls back to the raw size, a finer but still exact grouping)."""
+    ip = getattr(processor, "image_processor", None)
+    try:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        size = ip.size if isinstance(ip.size, dict) else dict(ip.size)  # type: ignore[union-attr]
+        factor = int(ip.patch_size) * int(ip.merge_size)  # type: ignore[union-attr]
+        lo, hi = int(size["shortest_edge"]), int(size["longest_edge"])
+
+        def grid(w: int, h: int) -> tuple[int, int]:
+            return tuple(smart_resize(h, w, factor=factor, min_pixels=lo, max_pixels=hi))  # type: ignore[return-value]
+
+        grid(64, 64)
+        return grid
+    except Exception:  # another processor family: group by raw size
+        return lambda w, h: (h, w)
+
+
+class BatchEncoder:
+    """Deduplicating, shape-grouped encoding of histories (items are one-item histories) on a loaded
+    :class:`~vlm2rec_ray.model.encoder.VLM2RecEncoder`. Usable without Ray (tests, the benchmark)."""
+
+    def __init__(self, encoder: Any, *, batch_size: int, deterministic: bool = True, fusion: str = "external",
+                 cache_mib: int = 256) -> None:
+        import torch
+
+        self.encoder = encoder
+        self.batch_size = batch_size
+        self.deterministic = deterministic
+        self.fusion = fusion
+        self.dim = int(encoder.hidden_size)
+        entries = int(cache_mib) * (1 << 20) // (4 * self.dim)
+        self.text_cache, self.image_cache, self.joint_cache = _LRU(entries), _LRU(entries), _LRU(entries)
+        self._grid = _image_grid_fn(encoder.processor)
+        self._torch = torch
+
+    # ------------------------------------------------------------------ grouping
+
+    def _text_lengths(self, titles: Sequence[Sequence[str]], interleaved: bool = False) -> list[int]:
+        from vlm2rec_ray.model import prompts
+
+        proc = self.encoder.processor
+        mh, mt = self.encoder.max_history, self.encoder.max_title_chars
+        if interleaved:
+            contents = [prompts.interleaved_sequence_prompt(list(t)[-mh:], max_title_chars=mt) for t in titles]
+        else:
+            contents = [prompts.text_sequence_prompt(list(t)[-mh:], max_title_chars=mt) for t in titles]
+        texts = [prompts.render_prompt(proc, c) for c in contents]
+        return [len(ids) for ids in proc.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def _chunks(self, keys: list[str], shapes: list[Any] | None) -> list[list[int]]:
+        """Index chunks to run as one forward each: by exact shape when deterministic."""
+        order = list(range(len(keys)))
+        if not self.deterministic or shapes is None:
+            return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        groups: dict[Any, list[int]] = {}
+        for i in sorted(order, key=lambda i: keys[i]):
+            groups.setdefault(shapes[i], []).append(i)
+        out = []
+        for shape in sorted(groups, key=repr):
+            idx = groups[shape]
+            out += [idx[i:i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
+        return out
+
+    def _run(self, fn: Callable[[list[int]], Any], chunks: list[list[int]]) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+        """Run ``fn`` per chunk; a chunk that raises is retried row by row so one bad row fails alone."""
+        done: dict[int, np.ndarray] = {}
+        errors: dict[int, str] = {}
+        for chunk in chunks:
+            try:
+                out = fn(chunk)
+                for i, row in zip(chunk, out, strict=True):
+                    done[i] = row
+            except Exception as e:
+                if len(chunk) == 1:
+                    errors[chunk[0]] = f"{type(e).__name__}: {e}"[:500]
+                    continue
+                log.warning("encode failed for a sub-batch of %d (%s); retrying row by row", len(chunk), e)
+                sub_done, sub_err = self._run(fn, [[i] for i in chunk])
+                done.update(sub_done)
+                errors.update(sub_err)
+        return done, errors
+
+    def _to_numpy(self, t: Any) -> np.ndarray:
+        return t.detach().float().cpu().numpy().astype(np.float32, copy=False)
+
+    # ------------------------------------------------------------------ encode
+
+    def encode(self, titles: list[list[str]], images: list[list[Any]], text_keys: list[str], image_keys: list[str]
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int], list[int], dict[int, str]]:
+        """Embed ``B`` histories.
+
+        Returns:
+            ``(emb_text, emb_image, emb_fused)`` each ``[B, d]`` float32 (rows of failed inputs are zeros),
+            per-row counts of text and image forwards this call made on the row's behalf (0 = reused), and
+            ``{row: error message}`` for rows the model failed on.
+        """
+        torch = self._torch
+        n = len(titles)
+        e_t = np.zeros((n, self.dim), np.float32)
+        e_v = np.zeros((n, self.dim), np.float32)
+        e_f = np.zeros((n, self.dim), np.float32)
+        n_text, n_image = [0] * n, [0] * n
+        errors: dict[int, str] = {}
+        with torch.inference_mode():
+            for cache, keys, which in ((self.text_cache, text_keys, "text"), (self.image_cache, image_keys, "image")):
+                first: dict[str, int] = {}
+                for i, k in enumerate(keys):
+                    if cache.get(k) is None and k not in first:
+                        first[k] = i
+                todo = list(first.values())
+                if todo:
+                    if which == "text":
+                        shapes = self._text_lengths([titles[i] for i in todo]) if self.deterministic else None
+                        fn = lambda c, todo=todo: self._to_numpy(  # noqa: E731
+                            self.encoder.encode_text_sequences([titles[todo[j]] for j in c]))
+                    else:
+                        shapes = ([tuple(self._grid(*im.size) for im in images[i][-self.encoder.max_history:])
+                                   for i in todo] if self.deterministic else None)
+                        fn = lambda c, todo=todo: self._to_numpy(  # noqa: E731
+                            self.encoder.encode_image_sequences([images[todo[j]] for j in c]))
+                    done, errs = self._run(fn, self._chunks([keys[i] for i in todo], shapes))
+                    for j, vec in done.items():
+                        cache.put(keys[todo[j]], vec)
+                        (n_text if which == "text" else n_image)[todo[j]] = 1
+                    for j, msg in errs.items():
+                        errors.setdefault(todo[j], f"{which} encode failed: {msg}")
+                for i, k in enumerate(keys):
+                    v = cache.get(k)
+                    if v is None:
+                        errors.setdefault(i, f"{which} encode failed for a row with the same input")
+                    else:
+                        (e_t if which == "text" else e_v)[i] = v
+            if self.fusion == "internal":
+                self._encode_joint(titles, images, text_keys, image_keys, e_f, errors)
+            else:
+                np.add(e_t, e_v, out=e_f)  # external fusion (paper 2.3): e = e_T + e_V
+        return e_t, e_v, e_f, n_text, n_image, errors
+
+    def _encode_joint(self, titles: list[list[str]], images: list[list[Any]], text_keys: list[str],
+                      image_keys: list[str], out: np.ndarray, errors: dict[int, str]) -> None:
+        keys = [f"{t}:{v}" for t, v in zip(text_keys, image_keys, strict=True)]
+        first: dict[str, int] = {}
+        for i, k in enumerate(keys):
+            if i not in errors and self.joint_cache.get(k) is None and k not in first:
+                first[k] = i
+        todo = list(first.values())
+        if todo:
+            shapes = None
+            if self.deterministic:
+                lens = self._text_lengths([titles[i] for i in todo], interleaved=True)
+                shapes = [(ln, tuple(self._grid(*im.size) for im in images[i][-self.encoder.max_history:]))
+                          for ln, i in zip(lens, todo, strict=True)]
+            done, errs = self._run(lambda c: self._to_numpy(self.encoder.encode_interleaved(
+                [titles[todo[j]] for j in c], [images[todo[j]] for j in c])), self._chunks([keys[i] for i in todo], shapes))
+            for j, vec in done.items():
+                self.joint_cache.put(keys[todo[j]], vec)
+            for j, msg in errs.items():
+                errors.setdefault(todo[j], f"interleaved encode failed: {msg}")
+        for i, k in enumerate(keys):
+            v = self.joint_cache.get(k)
+            if v is not None:
+                out[i] = v
+            else:
+                errors.setdefault(i, "interleaved encode failed for a row with the same input")
+
+    # ------------------------------------------------------------------ tables
+
+    def embed_table(self, batch: pa.Table) -> pa.Table:
+        """Encode rows (``ENCODE_ROW_SCHEMA``) -> sink rows (:func:`sink_row_schema`)."""
+        from PIL import Image
+
+        from vlm2rec_ray.embed.schema import fixed_size_list
+
+        n = batch.num_rows
+        cols = {c: batch.column(c).to_pylist() for c in ("key", "status", "change", "in_prev", "reason", "detail",
+                                                          "title", "image_uri", "failed_item_id", "content_hash")}
+        ok = [i for i, s in enumerate(cols["status"]) if s == "encode"]
+        status = ["failed"] * n
+        reason, detail = list(cols["reason"]), list(cols["detail"])
+        n_text, n_image = [0] * n, [0] * n
+        emb = np.zeros((3, n, self.dim), np.float32)
+        if ok:
+            titles_col = batch.column("titles")
+            pix_col, w_col, h_col = batch.column("pixels"), batch.column("widths"), batch.column("heights")
+            titles, images = [], []
+            for i in ok:
+                titles.append(titles_col[i].as_py())
+                images.append([Image.frombytes("RGB", (int(w), int(h)), p)
+                               for p, w, h in zip(pix_col[i].as_py(), w_col[i].as_py(), h_col[i].as_py(), strict=True)])
+            tk = [batch.column("text_key")[i].as_py() for i in ok]
+            ik = [batch.column("image_key")[i].as_py() for i in ok]
+            e_t, e_v, e_f, nt, ni, errors = self.encode(titles, images, tk, ik)
+            for j, i in enumerate(ok):
+                emb[0, i], emb[1, i], emb[2, i] = e_t[j], e_v[j], e_f[j]
+                n_text[i], n_image[i] = nt[j], ni[j]
+                if j in errors:
+                    reason[i], detail[i] = "encode_error", errors[j]
+                else:
+                    status[i] = "encoded"
+        valid = np.asarray([s == "encoded" for s in status])
+        mask = pa.array(~valid)
+        now = _dt.datetime.now(_dt.timezone.utc)
+
+        def fsl(m: np.ndarray) -> pa.Array:
+            arr = fixed_size_list(m, self.dim)
+            return pa.FixedSizeListArray.from_arrays(arr.values, type=arr.type, mask=mask)
+
+        return pa.Table.from_arrays([
+            batch.column("key"),
+            batch.column("history"),
+            fsl(emb[0]), fsl(emb[1]), fsl(emb[2]),
+            pa.array([h if v else None for h, v in zip(cols["content_hash"], valid, strict=True)], pa.string()),
+            pa.array([now if v else None for v in valid], EMBEDDED_AT_TYPE),
+            pa.array(status, pa.string()),
+            pa.array([c if v else "" for c, v in zip(cols["change"], valid, strict=True)], pa.string()),
+            pa.array(cols["in_prev"], pa.bool_()),
+            pa.array(reason, pa.string()),
+            pa.array(detail, pa.string()),
+            # ok rows drop title/uri: only ids, embeddings and small metadata go downstream
+            pa.array([None if v else t for t, v in zip(cols["title"], valid, strict=True)], pa.string()),
+            pa.array([None if v else u for u, v in zip(cols["image_uri"], valid, strict=True)], pa.string()),
+            pa.array(cols["failed_item_id"], pa.string()),
+            pa.array(n_text, pa.int32()),
+            pa.array(n_image, pa.int32()),
+        ], schema=sink_row_schema(self.dim))
+
+
+def load_encoder(cfg: Any, gpus: float = 0.0) -> Any:
+    """Load the backbone + processor named by ``cfg.model`` into a :class:`VLM2RecEncoder` (eval mode).
+
+    ``gpus > 1``: the backbone is sharded over the actor's GPUs with ``device_map="auto"`` (large backbones);
+    otherwise it goes to ``cuda`` when visible, else CPU.
+    """
+    import torch
+
+    from vlm2rec_ray.model.backbone import load_backbone
+    from vlm2rec_ray.model.encoder import VLM2RecEncoder
+
+    m = cfg.model
+    endpoint = m.endpoint_url or cfg.endpoint_url
+    if gpus > 1 and torch.cuda.device_count() > 1:
+        backbone, processor = _load_sharded(cfg)
+    else:
+        backbone, processor = load_backbone(m.name, dtype=m.dtype, endpoint=endpoint, attn_implementation=m.attn_implementation,
+                                            min_pixels=m.min_pixels, max_pixels=m.max_pixels)
+    backbone.eval()
+    return VLM2RecEncoder(backbone, processor, max_history=m.max_history)
+
+
+def _load_sharded(cfg: Any) -> tuple[Any, Any]:  # pragma: no cover - needs several GPUs
+    import transformers
+
+    from vlm2rec_ray.model import backbone as bb
+
+    m = cfg.model
+    model_dir = bb.resolve_model_dir(m.name, endpoint=m.endpoint_url or cfg.endpoint_url)
+    family = bb._family(model_dir, m.name)
+    _, dtype = bb.pick_device_and_dtype("cuda", m.dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "device_map": "auto"}
+    if m.attn_implementation:
+        kwargs["attn_implementation"] = m.attn_implementation
+    net = getattr(transformers, family.model_cls).from_pretrained(model_dir, **kwargs)
+    processor = bb.load_processor(model_dir, min_pixels=m.min_pixels, max_pixels=m.max_pixels)
+    return net, processor
+
+
+class EmbedPredictor:
+    """Ray Data actor UDF: ``map_batches(EmbedPredictor, fn_constructor_kwargs={"config": cfg.model_dump(),
+    ...}, compute=ActorPoolStrategy(size=num_actors), num_gpus=gpus_per_actor)``."""
+
+    def __init__(self, config: dict[str, Any], dim: int, gpus: float = 0.0, torch_threads: int | None = None,
+                 deterministic: bool = True) -> None:
+        import torch
+
+        from vlm2rec_ray.config import EmbedJobConfig
+
+        cfg = EmbedJobConfig.model_validate(config)
+        if torch_threads:
+            torch.set_num_threads(torch_threads)  # fixed thread count: part of CPU determinism
+        encoder = load_encoder(cfg, gpus)
+        if encoder.hidden_size != dim:
+            raise ValueError(f"model {cfg.model.name!r} has hidden size {encoder.hidden_size}, but the run was "
+                             f"planned for {dim}; the model changed under the job, re-run it")
+        self.core = BatchEncoder(encoder, batch_size=cfg.batch_size, deterministic=deterministic,
+                                 fusion=cfg.model.fusion, cache_mib=cfg.cache_mib)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.core.embed_table(batch)
+
+
+__all__ = ["BatchEncoder", "EmbedPredictor", "load_encoder", "sink_row_schema"]

@@ -1,0 +1,257 @@
+"""Ray Data sinks of the embed job: the snapshot sink (embeddings + errors) and the scan staging sink.
+
+:class:`SnapshotSink` receives sink rows (:func:`~vlm2rec_ray.embed.predictor.sink_row_schema`) and, in each
+write task, streams the ``encoded``/``carried`` rows into ``run=<id>/part-<task>.parquet`` with the exact
+output schema and the ``failed`` rows into ``run=<id>/_errors/part-<task>.parquet``. Each task returns
+its files and counts; :meth:`on_write_complete` (on the driver) adds them up, so the run's summary needs no
+second pass over the data. File names derive from the write task's index, so a retried task overwrites its
+own files instead of duplicating rows. Local files are written under a temporary name and renamed; S3
+objects appear only when their (multipart) upload completes.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from ray.data import Datasink
+from ray.data.block import BlockAccessor
+
+from vlm2rec_ray import storage
+from vlm2rec_ray.embed.schema import (
+    EMBEDDED_AT_TYPE,
+    KEY_COLUMN,
+    errors_schema,
+    output_schema,
+)
+
+if TYPE_CHECKING:
+    from ray.data._internal.execution.interfaces import TaskContext
+    from ray.data.datasource.datasink import WriteResult
+
+
+class _PartWriter:
+    """One Parquet file written incrementally (opened on the first rows; atomic rename locally)."""
+
+    def __init__(self, uri: str, schema: pa.Schema, endpoint: str | None) -> None:
+        self.uri, self.schema, self.endpoint = uri, schema, endpoint
+        self.rows = 0
+        self._writer: Any = None
+        self._fs: Any = None
+        self._path = ""
+        self._tmp = ""
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        import pyarrow.parquet as pq
+
+        if self._writer is None:
+            self._fs, self._path = storage.pyarrow_filesystem(self.uri, endpoint=self.endpoint)
+            if storage.is_s3(self.uri):
+                self._tmp = self._path  # an S3 object is visible only once its upload completes
+            else:
+                os.makedirs(os.path.dirname(self._path), exist_ok=True)
+                self._tmp = os.path.join(os.path.dirname(self._path),
+                                         f".{os.path.basename(self._path)}.tmp-{uuid.uuid4().hex[:8]}")
+            self._writer = pq.ParquetWriter(self._tmp, self.schema, filesystem=self._fs, compression="zstd")
+        self._writer.write_table(table.cast(self.schema))
+        self.rows += table.num_rows
+
+    def close(self) -> int:
+        """Finish the file; returns its size in bytes (0 when nothing was written)."""
+        if self._writer is None:
+            return 0
+        self._writer.close()
+        if self._tmp != self._path:
+            self._fs.move(self._tmp, self._path)
+        return int(self._fs.get_file_info(self._path).size or 0)
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            try:
+                self._writer.close()
+                if self._tmp != self._path:
+                    self._fs.delete_file(self._tmp)
+            except Exception:
+                pass
+
+
+def _const(value: str, n: int) -> pa.Array:
+    return pa.array([value] * n, pa.string())
+
+
+class SnapshotSink(Datasink):
+    """Write sink rows of one run as its data files and errors table; count everything.
+
+    Args:
+        kind: ``items`` or ``sequences``.
+        run_uri: ``.../dt=<dt>/run=<run_id>`` (data files go here).
+        errors_uri: ``.../run=<run_id>/_errors``.
+        dim: embedding size d.
+        model_id, model_version: written into every data row / errors row.
+        endpoint: S3 endpoint (passed explicitly: workers may predate the driver's environment).
+        rows_per_file: rows Ray Data gathers per write task (one data file per task).
+    """
+
+    def __init__(self, *, kind: str, run_uri: str, errors_uri: str, dim: int, model_id: str, model_version: str,
+                 endpoint: str | None, rows_per_file: int) -> None:
+        self.kind, self.run_uri, self.errors_uri, self.dim = kind, run_uri, errors_uri, dim
+        self.model_id, self.model_version, self.endpoint = model_id, model_version, endpoint
+        self.rows_per_file = rows_per_file
+        self.result: dict[str, Any] | None = None
+
+    def get_name(self) -> str:
+        return "EmbeddingSnapshot"
+
+    @property
+    def min_rows_per_write(self) -> int | None:
+        return self.rows_per_file
+
+    def _data_table(self, t: pa.Table) -> pa.Table:
+        schema = output_schema(self.kind, self.dim)
+        n = t.num_rows
+        cols: dict[str, Any] = {
+            KEY_COLUMN[self.kind]: t.column("key"),
+            "history": t.column("history"),
+            "emb_text": t.column("emb_text"),
+            "emb_image": t.column("emb_image"),
+            "emb_fused": t.column("emb_fused"),
+            "content_hash": t.column("content_hash"),
+            "model_id": _const(self.model_id, n),
+            "model_version": _const(self.model_version, n),
+            "embedded_at": t.column("embedded_at"),
+        }
+        return pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)
+
+    def _errors_table(self, t: pa.Table, now: Any) -> pa.Table:
+        schema = errors_schema(self.kind)
+        n = t.num_rows
+        cols: dict[str, Any] = {
+            "history": t.column("history"),
+            "item_id": t.column("failed_item_id"),  # sequences: the history item that failed
+            KEY_COLUMN[self.kind]: t.column("key"),  # items: the item itself (overrides the line above)
+            "title": t.column("title"),
+            "image_uri": t.column("image_uri"),
+            "reason": t.column("reason"),
+            "detail": t.column("detail"),
+            "model_version": _const(self.model_version, n),
+            "failed_at": pa.array([now] * n, EMBEDDED_AT_TYPE),
+        }
+        return pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)
+
+    def write(self, blocks: Iterable[Any], ctx: TaskContext) -> dict[str, Any]:
+        import datetime as _dt
+
+        name = f"part-{ctx.task_idx:05d}.parquet"
+        data = _PartWriter(storage.join(self.run_uri, name), output_schema(self.kind, self.dim), self.endpoint)
+        errs = _PartWriter(storage.join(self.errors_uri, name), errors_schema(self.kind), self.endpoint)
+        counts: Counter[str] = Counter()
+        reasons: Counter[str] = Counter()
+        now = _dt.datetime.now(_dt.timezone.utc)
+        try:
+            for block in blocks:
+                t = BlockAccessor.for_block(block).to_arrow()
+                if t.num_rows == 0:
+                    continue
+                status = t.column("status")
+                ok_mask = pc.is_in(status, value_set=pa.array(["encoded", "carried"]))
+                ok = t.filter(ok_mask)
+                bad = t.filter(pc.equal(status, "failed"))
+                if ok.num_rows + bad.num_rows != t.num_rows:
+                    raise AssertionError(f"sink got rows with unknown status: {pc.unique(status).to_pylist()}")
+                if ok.num_rows and (ok.column("emb_fused").null_count or ok.column("content_hash").null_count):
+                    raise AssertionError("an ok row has no embedding or content hash")
+                data.write(self._data_table(ok))
+                errs.write(self._errors_table(bad, now))
+                counts["rows"] += t.num_rows
+                counts["ok"] += ok.num_rows  # "encoded" + "carried"; "failed" comes from the status counts below
+                for k, v in zip(*_value_counts(status), strict=True):
+                    counts[k] += v
+                for k, v in zip(*_value_counts(ok.column("change")), strict=True):
+                    if k:
+                        counts[k] += v
+                counts["in_prev"] += int(pc.sum(pc.cast(t.column("in_prev"), pa.int64())).as_py() or 0)
+                counts["texts_encoded"] += int(pc.sum(t.column("texts_encoded")).as_py() or 0)
+                counts["images_encoded"] += int(pc.sum(t.column("images_encoded")).as_py() or 0)
+                for k, v in zip(*_value_counts(bad.column("reason")), strict=True):
+                    reasons[k or "unknown"] += v
+            files = []
+            for w, kind in ((data, "data"), (errs, "errors")):
+                size = w.close()
+                if w.rows:
+                    files.append({"kind": kind, "uri": w.uri, "rows": w.rows, "bytes": size})
+        except BaseException:
+            data.abort()
+            errs.abort()
+            raise
+        return {"files": files, "counts": dict(counts), "reasons": dict(reasons)}
+
+    def on_write_complete(self, write_result: WriteResult) -> None:
+        counts: Counter[str] = Counter()
+        reasons: Counter[str] = Counter()
+        files: list[dict[str, Any]] = []
+        for r in write_result.write_returns:
+            if not r:
+                continue
+            counts.update(r["counts"])
+            reasons.update(r["reasons"])
+            files += r["files"]
+        self.result = {"counts": dict(counts), "reasons": dict(reasons),
+                       "files": sorted(files, key=lambda f: (f["kind"], f["uri"]))}
+
+
+def _value_counts(arr: Any) -> tuple[list[Any], list[int]]:
+    vc = pc.value_counts(arr)
+    if len(vc) == 0:
+        return [], []
+    return vc.field("values").to_pylist(), vc.field("counts").to_pylist()
+
+
+class ScanSink(Datasink):
+    """Stage the scan rows of an incremental run (pass 1) as Parquet and count them by status."""
+
+    def __init__(self, *, uri: str, endpoint: str | None, schema: pa.Schema) -> None:
+        self.uri, self.endpoint, self.schema = uri, endpoint, schema
+        self.result: dict[str, Any] | None = None
+
+    def get_name(self) -> str:
+        return "EmbeddingScan"
+
+    @property
+    def min_rows_per_write(self) -> int | None:
+        return 200_000
+
+    def write(self, blocks: Iterable[Any], ctx: TaskContext) -> dict[str, Any]:
+        w = _PartWriter(storage.join(self.uri, f"part-{ctx.task_idx:05d}.parquet"), self.schema, self.endpoint)
+        counts: Counter[str] = Counter()
+        try:
+            for block in blocks:
+                t = BlockAccessor.for_block(block).to_arrow()
+                w.write(t)
+                for k, v in zip(*_value_counts(t.column("status")), strict=True):
+                    counts[k] += v
+                counts["in_prev"] += int(pc.sum(pc.cast(t.column("in_prev"), pa.int64())).as_py() or 0)
+                counts["rows"] += t.num_rows
+            w.close()
+        except BaseException:
+            w.abort()
+            raise
+        return {"files": [w.uri] if w.rows else [], "counts": dict(counts)}
+
+    def on_write_complete(self, write_result: WriteResult) -> None:
+        counts: Counter[str] = Counter()
+        files: list[str] = []
+        for r in write_result.write_returns:
+            if r:
+                counts.update(r["counts"])
+                files += r["files"]
+        self.result = {"counts": dict(counts), "files": sorted(files)}
+
+
+__all__ = ["ScanSink", "SnapshotSink"]

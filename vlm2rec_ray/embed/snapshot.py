@@ -1,0 +1,294 @@
+"""Embedding snapshots on storage: layout, the manifest written last, the atomic day swap, and the reader.
+
+Layout under ``<output_uri>/<kind>/`` (``kind`` is ``items`` or ``sequences``), local or ``s3://``::
+
+    dt=2026-11-22/_manifest.json                       the snapshot: written LAST, names the run and its files
+    dt=2026-11-22/run=<run_id>/part-00000.parquet      embeddings (schema in embed/schema.py)
+    dt=2026-11-22/run=<run_id>/_errors/part-00000.parquet   failed rows with their reason
+    dt=2026-11-22/run=<run_id>/_staging/...            scratch of an incremental run (deleted at the end)
+    dt=2026-11-22/run=<run_id>/_status.json            only for a run that failed (why; not a snapshot)
+
+A run writes everything under its own ``run=<run_id>/`` and only then replaces ``_manifest.json`` (one PUT on
+S3, a rename locally: atomic on both), so a reader sees the old snapshot or the new one, never a mix and never
+a half-written run. A same-day re-run publishes its new run the same way and then deletes the run the old
+manifest named (and runs marked failed), so rows are never duplicated. ``_``-prefixed paths are skipped by
+pyarrow's dataset discovery, so ``pq.read_table(<output_uri>/items)`` also sees only data files (but mid-swap
+it may see two runs; use the manifest, i.e. :func:`read_embeddings` / :func:`snapshot_files`, to be exact).
+
+Partitions without a manifest that hold Parquet files directly (not under ``run=``) are read as plain
+snapshots, for tables written by other tools.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from vlm2rec_ray import storage
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+MANIFEST_FILE = "_manifest.json"
+STATUS_FILE = "_status.json"
+ERRORS_DIR = "_errors"
+STAGING_DIR = "_staging"
+MANIFEST_FORMAT = "vlm2rec-embeddings/1"
+
+__all__ = [
+    "MANIFEST_FILE",
+    "MANIFEST_FORMAT",
+    "Snapshot",
+    "errors_uri",
+    "kind_uri",
+    "latest_manifest",
+    "list_snapshots",
+    "mark_run_failed",
+    "new_run_id",
+    "partition_uri",
+    "publish_manifest",
+    "read_embeddings",
+    "read_errors",
+    "read_manifest",
+    "run_uri",
+    "snapshot_files",
+    "staging_uri",
+]
+
+
+# ---------------------------------------------------------------------------------------------- layout
+
+
+def kind_uri(output_uri: str, kind: str) -> str:
+    """``<output_uri>/items`` or ``<output_uri>/sequences``: what ``vlm2rec evaluate`` takes."""
+    return storage.join(output_uri, kind)
+
+
+def partition_uri(root: str, dt: str) -> str:
+    return storage.join(root, f"dt={dt}")
+
+
+def run_uri(root: str, dt: str, run_id: str) -> str:
+    return storage.join(partition_uri(root, dt), f"run={run_id}")
+
+
+def errors_uri(root: str, dt: str, run_id: str) -> str:
+    return storage.join(run_uri(root, dt, run_id), ERRORS_DIR)
+
+
+def staging_uri(root: str, dt: str, run_id: str, name: str) -> str:
+    return storage.join(run_uri(root, dt, run_id), STAGING_DIR, name)
+
+
+def manifest_uri(root: str, dt: str) -> str:
+    return storage.join(partition_uri(root, dt), MANIFEST_FILE)
+
+
+def new_run_id(now: _dt.datetime | None = None) -> str:
+    """Sortable and unique: ``20261122T101500123Z-1a2b3c4d``."""
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z-{uuid.uuid4().hex[:8]}"
+
+
+def today_utc() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).date().isoformat()
+
+
+def _abs_root(uri: str) -> str:
+    return (uri if storage.is_s3(uri) else str(storage.resolve_local(uri))).rstrip("/")
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+
+
+def read_manifest(root: str, dt: str, *, endpoint: str | None = None) -> dict[str, Any] | None:
+    """The published manifest of ``dt``, or ``None`` when there is none."""
+    uri = manifest_uri(root, dt)
+    try:
+        return json.loads(storage.read_text(uri, endpoint=endpoint))
+    except storage.StorageError as e:
+        if e.reason == "missing":
+            return None
+        raise
+
+
+def publish_manifest(root: str, dt: str, manifest: dict[str, Any], *, endpoint: str | None = None) -> dict[str, Any] | None:
+    """Make ``manifest`` the snapshot of ``dt``: write it (atomically), then delete the run it replaced and
+    runs marked failed. Returns the replaced manifest (or ``None``).
+
+    The manifest must name files under ``run=<manifest['run_id']>/`` of this partition; they must already be
+    complete, since readers follow the manifest as soon as it is written.
+    """
+    old = read_manifest(root, dt, endpoint=endpoint)
+    body = json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n"
+    storage.write_text(manifest_uri(root, dt), body, endpoint=endpoint)
+    if old and old.get("run_id") and old["run_id"] != manifest["run_id"]:
+        storage.delete_prefix(run_uri(root, dt, old["run_id"]), endpoint=endpoint)
+    for run_id in _failed_runs(root, dt, endpoint=endpoint):
+        if run_id != manifest["run_id"]:
+            storage.delete_prefix(run_uri(root, dt, run_id), endpoint=endpoint)
+    return old
+
+
+def mark_run_failed(root: str, dt: str, run_id: str, info: dict[str, Any], *, endpoint: str | None = None) -> str:
+    """Record why a run failed in ``run=<id>/_status.json`` (its errors table stays for inspection; the next
+    successful publish of this ``dt`` deletes it). Returns the status file's URI."""
+    uri = storage.join(run_uri(root, dt, run_id), STATUS_FILE)
+    storage.write_text(uri, json.dumps({"state": "failed", **info}, indent=2, sort_keys=True, default=str) + "\n",
+                       endpoint=endpoint)
+    return uri
+
+
+def _failed_runs(root: str, dt: str, *, endpoint: str | None) -> list[str]:
+    part = partition_uri(root, dt)
+    if not storage.exists(part, endpoint=endpoint):
+        return []
+    out = []
+    base = _abs_root(part) + "/"
+    for f in storage.list_uris(part, endpoint=endpoint, suffix=STATUS_FILE):
+        rel = f[len(base):] if f.startswith(base) else f
+        first = rel.split("/", 1)[0]
+        if first.startswith("run=") and rel == f"{first}/{STATUS_FILE}":
+            out.append(first[4:])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- listing
+
+
+@dataclass
+class Snapshot:
+    """One readable snapshot: its ``dt`` ("" for an unpartitioned table), data files (absolute URIs), and the
+    manifest when the embed job wrote it."""
+
+    dt: str
+    files: list[str]
+    manifest: dict[str, Any] | None = None
+    error_files: list[str] = field(default_factory=list)
+
+
+def _skip(part: str) -> bool:
+    return part.startswith((".", "_")) or "error" in part.lower()
+
+
+def list_snapshots(uri: str, *, endpoint: str | None = None) -> tuple[dict[str, Snapshot], list[str]]:
+    """``({dt: Snapshot}, incomplete dts)`` under ``uri`` (one listing). A ``dt=`` partition with a manifest
+    is what the manifest says; one with ``run=`` folders but no manifest is incomplete (a run in progress or
+    a failed one) and not a snapshot; one with Parquet files directly inside is a plain snapshot."""
+    root = _abs_root(uri)
+    files = storage.list_uris(uri, endpoint=endpoint)
+    snaps: dict[str, Snapshot] = {}
+    manifests: set[str] = set()
+    runs: set[str] = set()
+    plain: dict[str, list[str]] = {}
+    for f in files:
+        rel = f[len(root) + 1:] if f.startswith(root + "/") else f.rsplit("/", 1)[-1]
+        parts = rel.split("/")
+        dt = parts[0][3:] if len(parts) > 1 and parts[0].startswith("dt=") else ""
+        inner = parts[1:] if dt else parts
+        if dt and inner == [MANIFEST_FILE]:
+            manifests.add(dt)
+            continue
+        if dt and inner and inner[0].startswith("run="):
+            runs.add(dt)
+            continue
+        if not f.endswith(".parquet") or any(_skip(p) for p in parts):
+            continue
+        plain.setdefault(dt, []).append(f)
+    for dt in manifests:
+        m = read_manifest(uri, dt, endpoint=endpoint)
+        if m is None:  # deleted between listing and reading
+            continue
+        part = partition_uri(uri, dt)
+        snaps[dt] = Snapshot(dt, [storage.join(part, e["path"]) for e in m.get("files", [])], m,
+                             [storage.join(part, e["path"]) for e in m.get("error_files", [])])
+    for dt, fs in plain.items():
+        if dt not in snaps:
+            snaps[dt] = Snapshot(dt, sorted(fs))
+    incomplete = sorted(runs - set(snaps))
+    return snaps, incomplete
+
+
+def latest_manifest(root: str, *, on_or_before: str | None = None, endpoint: str | None = None) -> dict[str, Any] | None:
+    """The newest published manifest with ``dt <= on_or_before`` (all when ``None``), or ``None``."""
+    if not storage.exists(root, endpoint=endpoint):
+        return None
+    snaps, _ = list_snapshots(root, endpoint=endpoint)
+    dts = sorted(d for d, s in snaps.items() if s.manifest is not None and (on_or_before is None or d <= on_or_before))
+    if not dts:
+        return None
+    m = dict(snaps[dts[-1]].manifest or {})
+    m["_files"] = snaps[dts[-1]].files  # absolute URIs, for the carry-over pass
+    return m
+
+
+def snapshot_files(uri: str, dt: str | None = None, *, endpoint: str | None = None) -> Snapshot:
+    """The snapshot ``dt`` (default: the latest) under ``uri``.
+
+    Raises:
+        FileNotFoundError: nothing there, or no such ``dt`` (the message lists what is available).
+    """
+    try:
+        found = storage.exists(uri, endpoint=endpoint)
+        snaps, incomplete = list_snapshots(uri, endpoint=endpoint) if found else ({}, [])
+    except storage.StorageError as e:
+        raise FileNotFoundError(f"no embeddings at {uri}: {e}; run `vlm2rec embed` first or fix the URI") from e
+    if not snaps:
+        extra = f" (dt={', '.join(incomplete)} has a run in progress or a failed run, no manifest yet)" if incomplete else ""
+        raise FileNotFoundError(f"no embeddings at {uri} (no snapshot){extra}; run `vlm2rec embed` first or fix the URI")
+    if dt is None:
+        dt = max(snaps)
+    if dt not in snaps:
+        why = " (a run in progress or a failed run, no manifest)" if dt in incomplete else ""
+        raise FileNotFoundError(f"no snapshot dt={dt} under {uri}{why}; available: {sorted(k for k in snaps if k)}")
+    return snaps[dt]
+
+
+def _read_files(files: list[str], *, endpoint: str | None, columns: list[str] | None) -> pa.Table:
+    import pyarrow as pa
+
+    tables = [storage.read_parquet(f, endpoint=endpoint, columns=columns) for f in files]
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def read_embeddings(uri: str, dt: str | None = None, *, endpoint: str | None = None,
+                    columns: list[str] | None = None) -> pa.Table:
+    """An embedding snapshot as one table, following its manifest (default: the latest ``dt``).
+
+    Args:
+        uri: ``<output_uri>/items`` or ``<output_uri>/sequences`` (local or ``s3://``).
+        dt: the ``dt=`` partition to read; default the latest published one.
+        endpoint: S3 endpoint (default ``AWS_ENDPOINT_URL``).
+        columns: read only these columns.
+
+    Raises:
+        FileNotFoundError: no snapshot at ``uri`` or no such ``dt``.
+    """
+    snap = snapshot_files(uri, dt, endpoint=endpoint)
+    if not snap.files:
+        if snap.manifest is not None:
+            import pyarrow as pa
+
+            from vlm2rec_ray.embed.schema import output_schema
+
+            schema = output_schema(snap.manifest["kind"], int(snap.manifest["schema"]["embedding_dim"]))
+            if columns:
+                schema = pa.schema([schema.field(c) for c in columns])
+            return schema.empty_table()
+        raise FileNotFoundError(f"snapshot dt={snap.dt} under {uri} lists no files")
+    return _read_files(snap.files, endpoint=endpoint, columns=columns)
+
+
+def read_errors(uri: str, dt: str | None = None, *, endpoint: str | None = None) -> pa.Table:
+    """The errors table of a published snapshot (empty when nothing failed)."""
+    snap = snapshot_files(uri, dt, endpoint=endpoint)
+    if snap.manifest is None:
+        raise FileNotFoundError(f"snapshot dt={snap.dt} under {uri} has no manifest, hence no errors table")
+    if not snap.error_files:
+        from vlm2rec_ray.embed.schema import errors_schema
+
+        return errors_schema(snap.manifest["kind"]).empty_table()
+    return _read_files(snap.error_files, endpoint=endpoint, columns=None)
