@@ -105,3 +105,26 @@ def test_runtime_env() -> None:
     (doc,) = _docs(CLUSTER / "runtime_env.yaml")
     assert ".venv" in doc["excludes"] and "build" in doc["excludes"]
     assert not any("AWS_SECRET" in k for k in doc.get("env_vars", {}))
+
+
+@pytest.mark.parametrize("size", ["3b", "7b", "32b"])
+def test_backbone_presets_validate_and_agree_with_plan(size: str) -> None:
+    from vlm2rec_ray.config import EmbedJobConfig, TrainJobConfig, load_config
+    from vlm2rec_ray.plan import plan
+
+    train = load_config(TrainJobConfig, CLUSTER / "presets" / f"qwen2_5_vl_{size}.yaml", [])
+    embed = load_config(EmbedJobConfig, CLUSTER / "presets" / f"embed_qwen2_5_vl_{size}.yaml", [])
+    assert train.scaling.use_gpu and train.precision == "bf16" and train.train.gradient_checkpointing
+    assert train.uses_lora and train.lora.r == 16
+    rec = plan(train.model.name, train.scaling.num_workers, 80, lora=True, lora_r=train.lora.r,
+               micro_batch=train.train.per_device_batch_size)["recommended"]
+    assert rec is not None
+    assert train.train.zero_stage == rec["zero_stage"], (size, rec)
+    assert train.train.offload_optimizer == (rec["offload"] != "none")
+    assert train.train.offload_params == (rec["offload"] == "optimizer+params")
+    assert train.train.per_device_batch_size == rec["micro_batch"] and train.train.grad_accum == rec["grad_accum"]
+    # the embedding actor holds bf16 weights (2 bytes/param) with 25% room for activations
+    params = plan(train.model.name, 1, 80)["params"]
+    gpus = embed.gpus_per_actor
+    assert gpus is not None and 2 * params * 1.25 <= gpus * 80 * 2**30, (size, gpus)
+    assert embed.incremental and embed.model_version
