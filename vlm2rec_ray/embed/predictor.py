@@ -191,6 +191,7 @@ class BatchEncoder:
         errors: dict[int, str] = {}
         with torch.inference_mode():
             for cache, keys, which in ((self.text_cache, text_keys, "text"), (self.image_cache, image_keys, "image")):
+                fresh: dict[str, np.ndarray] = {}  # this call's results (the cache may be disabled or full)
                 first: dict[str, int] = {}
                 for i, k in enumerate(keys):
                     if cache.get(k) is None and k not in first:
@@ -208,12 +209,15 @@ class BatchEncoder:
                             self.encoder.encode_image_sequences([images[todo[j]] for j in c]))
                     done, errs = self._run(fn, self._chunks([keys[i] for i in todo], shapes))
                     for j, vec in done.items():
+                        fresh[keys[todo[j]]] = vec
                         cache.put(keys[todo[j]], vec)
                         (n_text if which == "text" else n_image)[todo[j]] = 1
                     for j, msg in errs.items():
                         errors.setdefault(todo[j], f"{which} encode failed: {msg}")
                 for i, k in enumerate(keys):
-                    v = cache.get(k)
+                    v = fresh.get(k)
+                    if v is None:
+                        v = cache.get(k)
                     if v is None:
                         errors.setdefault(i, f"{which} encode failed for a row with the same input")
                     else:
@@ -227,6 +231,7 @@ class BatchEncoder:
     def _encode_joint(self, titles: list[list[str]], images: list[list[Any]], text_keys: list[str],
                       image_keys: list[str], out: np.ndarray, errors: dict[int, str]) -> None:
         keys = [f"{t}:{v}" for t, v in zip(text_keys, image_keys, strict=True)]
+        fresh: dict[str, np.ndarray] = {}
         first: dict[str, int] = {}
         for i, k in enumerate(keys):
             if i not in errors and self.joint_cache.get(k) is None and k not in first:
@@ -241,11 +246,14 @@ class BatchEncoder:
             done, errs = self._run(lambda c: self._to_numpy(self.encoder.encode_interleaved(
                 [titles[todo[j]] for j in c], [images[todo[j]] for j in c])), self._chunks([keys[i] for i in todo], shapes))
             for j, vec in done.items():
+                fresh[keys[todo[j]]] = vec
                 self.joint_cache.put(keys[todo[j]], vec)
             for j, msg in errs.items():
                 errors.setdefault(todo[j], f"interleaved encode failed: {msg}")
         for i, k in enumerate(keys):
-            v = self.joint_cache.get(k)
+            v = fresh.get(k)
+            if v is None:
+                v = self.joint_cache.get(k)
             if v is not None:
                 out[i] = v
             else:
