@@ -20,7 +20,7 @@ Nothing is materialized in the driver: data flows task to task through the objec
 only receives per-write-task counts and file names. Sequences run the same machinery with each user's
 last ``max_history`` items looked up in the catalog (an index shared through the object store).
 
-    summary = run_embed_items(load_config(EmbedJobConfig, "jobs/configs/embed_tiny.yaml"))
+    summary = run_embed_items(load_config(EmbedJobConfig, "jobs/configs/embed_items.yaml"))
 """
 
 from __future__ import annotations
@@ -258,6 +258,35 @@ class RunPlan:
                 **extra}
 
 
+def _absolute(uri: str) -> str:
+    """A local path made absolute against the driver's working directory; s3:// (and other schemes) as is."""
+    if "://" in uri and not uri.startswith("file://"):
+        return uri
+    return str(storage.resolve_local(uri))
+
+
+def resolve_paths(cfg: EmbedJobConfig) -> EmbedJobConfig:
+    """The config with local paths absolute and the S3 endpoint explicit, fixed on the driver.
+
+    Ray tasks and actors may run in another working directory (a job's runtime_env, a worker started before
+    the driver changed directory) and with an environment that predates the driver's ``AWS_ENDPOINT_URL``,
+    so relative ``dataset_uri`` / ``catalog_uri`` / ``output_uri`` / ``model.name`` (an existing local
+    directory; hub ids stay as they are) and an implicit endpoint would mean something else there.
+    """
+    update: dict[str, Any] = {"output_uri": _absolute(cfg.output_uri)}
+    for name in ("dataset_uri", "catalog_uri"):
+        value = getattr(cfg, name)
+        if value is not None:
+            update[name] = _absolute(value)
+    endpoint = storage.endpoint_url(cfg.data_endpoint)
+    if endpoint and not cfg.endpoint_url:
+        update["endpoint_url"] = endpoint
+    name = cfg.model.name
+    if not storage.is_s3(name) and "://" not in name and os.path.exists(os.path.expanduser(name)):
+        update["model"] = cfg.model.model_copy(update={"name": _absolute(os.path.expanduser(name))})
+    return cfg.model_copy(update=update, deep=True)
+
+
 def ensure_ray() -> None:
     """Use the running Ray (a job on a cluster, a test fixture), else connect to ``RAY_ADDRESS``, else start
     a private local instance."""
@@ -470,6 +499,7 @@ def _run(cfg: EmbedJobConfig, kind: str, progress: Callable[[str], None] | None)
 
     say = progress or (lambda _m: None)
     started = time.perf_counter()
+    cfg = resolve_paths(cfg)
     ensure_ray()
     ctx = ray.data.DataContext.get_current()
     saved_bars = ctx.enable_progress_bars
@@ -659,6 +689,7 @@ __all__ = [
     "ensure_ray",
     "format_summary",
     "plan_run",
+    "resolve_paths",
     "run_embed_items",
     "run_embed_sequences",
     "source_files",

@@ -1,0 +1,66 @@
+"""Driver-side set-up of an embed run: paths made absolute, the endpoint made explicit, which Ray to use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vlm2rec_ray.config import EmbedJobConfig, load_config
+from vlm2rec_ray.embed import pipeline
+
+
+def _cfg(*extra: str) -> EmbedJobConfig:
+    return load_config(EmbedJobConfig, None, ["model.name=Qwen/Qwen2.5-VL-3B-Instruct", "model_version=v1",
+                                              "output_uri=out", "dataset_uri=data", *extra])
+
+
+def test_resolve_paths_makes_local_paths_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    (tmp_path / "model").mkdir()
+    cfg = pipeline.resolve_paths(_cfg("catalog_uri=data/catalog.jsonl"))
+    assert cfg.output_uri == str(tmp_path / "out") and cfg.dataset_uri == str(tmp_path / "data")
+    assert cfg.catalog_uri == str(tmp_path / "data" / "catalog.jsonl")
+    assert cfg.model.name == "Qwen/Qwen2.5-VL-3B-Instruct"  # a hub id (no such local dir) stays as it is
+    assert cfg.endpoint_url is None
+
+    cfg = pipeline.resolve_paths(_cfg("model.name=model", "output_uri=s3://bkt/emb", "dataset_uri=s3://bkt/ds"))
+    assert cfg.model.name == str(tmp_path / "model")
+    assert cfg.output_uri == "s3://bkt/emb" and cfg.dataset_uri == "s3://bkt/ds" and cfg.catalog_uri is None
+    assert pipeline.resolve_paths(cfg) == cfg  # idempotent
+
+
+def test_resolve_paths_pins_the_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    assert pipeline.resolve_paths(_cfg()).endpoint_url == "http://127.0.0.1:9"
+    # An explicit endpoint (or the model's) wins over the environment.
+    assert pipeline.resolve_paths(_cfg("endpoint_url=http://s3.local")).endpoint_url == "http://s3.local"
+    assert pipeline.resolve_paths(_cfg("model.endpoint_url=http://m.local")).endpoint_url == "http://m.local"
+
+
+def test_ensure_ray_joins_the_cluster_at_ray_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    import vlm2rec_ray.runtime as runtime
+
+    calls: list[Any] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: calls.append(("init", a, k)))
+    monkeypatch.setattr(runtime, "init_local_ray", lambda *a, **k: calls.append(("local", a, k)))
+
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    pipeline.ensure_ray()
+    assert calls == [("init", (), {})]  # ray.init() reads RAY_ADDRESS itself (as under `ray job submit`)
+
+    calls.clear()
+    monkeypatch.delenv("RAY_ADDRESS")
+    pipeline.ensure_ray()
+    assert calls == [("local", (), {})]
+
+    calls.clear()
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    pipeline.ensure_ray()
+    assert calls == []
