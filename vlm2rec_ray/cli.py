@@ -171,6 +171,61 @@ def prepare_synthetic_cmd(
 
 # --- embed ------------------------------------------------------------------------------------------------
 
+
+def _embed(kind: str, config: str | None, args: list[str] | None, endpoint: str | None) -> None:
+    """Load an EmbedJobConfig, run the embed job of ``kind`` and print its summary (exit 1 if it failed)."""
+    from vlm2rec_ray.config import ConfigError, EmbedJobConfig, load_config
+    from vlm2rec_ray.embed import EmbedFailureError, format_summary, run_embed_items, run_embed_sequences
+    from vlm2rec_ray.storage import StorageError
+
+    run = run_embed_items if kind == "items" else run_embed_sequences
+    try:
+        cfg = load_config(EmbedJobConfig, config, list(args or []) + ([f"endpoint_url={endpoint}"] if endpoint else []))
+        summary = run(cfg, progress=lambda m: typer.echo(m, err=True))
+    except ConfigError as e:
+        fail(str(e))
+    except EmbedFailureError as e:
+        typer.echo(format_summary(e.summary))
+        fail(str(e), code=1)
+    except (FileNotFoundError, ValueError, StorageError) as e:
+        fail(str(e), code=1)
+    typer.echo(format_summary(summary))
+
+
+_EMBED_ARGS_HELP = "key=value overrides of the config (e.g. model_version=v2 dt=2026-11-22 incremental=true)"
+_EMBED_CONFIG_HELP = "EmbedJobConfig YAML (e.g. jobs/configs/embed_items.yaml)"
+
+
+@embed_app.command("items")
+def embed_items_cmd(
+    args: list[str] = typer.Argument(None, help=_EMBED_ARGS_HELP),
+    config: str = typer.Option(None, "--config", "-c", help=_EMBED_CONFIG_HELP),
+    endpoint: str = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
+) -> None:
+    """Embed the catalog (emb_text, emb_image, emb_fused per item) into <output_uri>/items/dt=<dt>/.
+
+    Failed rows go to the run's errors table, by reason.
+    Exit 1 if their share exceeds max_failure_fraction (nothing published); exit 2 for a bad config.
+    Runs on the Ray cluster at RAY_ADDRESS if set, else on a private local Ray.
+    """
+    _embed("items", config, args, endpoint)
+
+
+@embed_app.command("sequences")
+def embed_sequences_cmd(
+    args: list[str] = typer.Argument(None, help=_EMBED_ARGS_HELP),
+    config: str = typer.Option(None, "--config", "-c", help="EmbedJobConfig YAML (e.g. jobs/configs/embed_sequences.yaml)"),
+    endpoint: str = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
+) -> None:
+    """Embed each user's last model.max_history items (<dataset_uri>/splits/<split>.parquet).
+
+    Writes <output_uri>/sequences/dt=<dt>/ with user_id, history, emb_text, emb_image, emb_fused, ...
+
+    Exit codes as for `vlm2rec embed items`.
+    """
+    _embed("sequences", config, args, endpoint)
+
+
 # --- evaluate / demo --------------------------------------------------------------------------------------
 
 
