@@ -94,6 +94,26 @@ def source_files(uri: str, *, endpoint: str | None = None, default_file: str | N
     return ("parquet", parquet) if parquet else ("json", jsons)
 
 
+def read_parquet_files(paths: list[str], filesystem: Any, **kwargs: Any) -> ray.data.Dataset:
+    """``ray.data.read_parquet`` of an explicit file list through Ray Data's V1 Parquet reader.
+
+    The V2 reader (the default in Ray 2.60) starts each read with a ListFiles task that provisions a pool of
+    32 ``FooterReader`` actors (``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS``) to index row groups for listing and
+    predicate push-down. The embed job always knows its files and pushes nothing down, and on a small node
+    those actors cost seconds of start-up per read while the listing task holds a CPU the model actor is
+    waiting for (an incremental run reads three times).
+    """
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.use_datasource_v2
+    ctx.use_datasource_v2 = False
+    try:
+        return ray.data.read_parquet(paths, filesystem=filesystem, **kwargs)
+    finally:
+        ctx.use_datasource_v2 = saved
+
+
 def _read(files: list[str], fmt: str, *, endpoint: str | None, columns: list[str] | None,
           include_paths: bool) -> ray.data.Dataset:
     import ray.data
@@ -101,7 +121,7 @@ def _read(files: list[str], fmt: str, *, endpoint: str | None, columns: list[str
     fs, _ = storage.pyarrow_filesystem(files[0], endpoint=endpoint)
     paths = [storage.pyarrow_filesystem(f, endpoint=endpoint)[1] for f in files]
     if fmt == "parquet":
-        return ray.data.read_parquet(paths, filesystem=fs, columns=columns, include_paths=include_paths)
+        return read_parquet_files(paths, fs, columns=columns, include_paths=include_paths)
     return ray.data.read_json(paths, filesystem=fs, include_paths=include_paths, file_extensions=None)
 
 
@@ -596,9 +616,6 @@ def _write(ds: ray.data.Dataset, sink: Any, write_args: dict[str, Any]) -> None:
 
 def _incremental(plan: RunPlan, sink: Any, write_args: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
     """Pass 1 (scan + classify, staged) and pass 2 (encode new/changed, errors, carry unchanged)."""
-    import ray
-    import ray.data
-
     from vlm2rec_ray.embed import preprocess
     from vlm2rec_ray.embed.sink import ScanSink
 
@@ -623,7 +640,7 @@ def _incremental(plan: RunPlan, sink: Any, write_args: dict[str, Any], say: Call
     scan_paths = [storage.pyarrow_filesystem(f, endpoint=plan.endpoint)[1] for f in scan["files"]]
 
     def scan_rows(statuses: list[str]) -> ray.data.Dataset:
-        return ray.data.read_parquet(scan_paths, filesystem=fs_scan).map_batches(
+        return read_parquet_files(scan_paths, fs_scan).map_batches(
             preprocess.select_status, fn_kwargs={"statuses": statuses}, batch_format="pyarrow", batch_size=None)
 
     if sc.get("new", 0) + sc.get("changed", 0):
@@ -635,8 +652,8 @@ def _incremental(plan: RunPlan, sink: Any, write_args: dict[str, Any], say: Call
         assert prev is not None
         unchanged_ref = _index_task().remote(scan["files"], "key", endpoint=plan.endpoint, where_status="unchanged")
         fs_prev, _ = storage.pyarrow_filesystem(prev["_files"][0], endpoint=plan.endpoint)
-        carry = ray.data.read_parquet([storage.pyarrow_filesystem(f, endpoint=plan.endpoint)[1] for f in prev["_files"]],
-                                      filesystem=fs_prev)
+        carry = read_parquet_files([storage.pyarrow_filesystem(f, endpoint=plan.endpoint)[1] for f in prev["_files"]],
+                                   fs_prev)
         branches.append(carry.map_batches(preprocess.carry_filter, fn_kwargs={"opts": {"unchanged": [unchanged_ref]},
                                                                               "dim": plan.dim},
                                           batch_format="pyarrow", batch_size=None, num_cpus=0.25))
