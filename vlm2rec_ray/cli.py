@@ -169,6 +169,31 @@ def prepare_synthetic_cmd(
 
 # --- train ------------------------------------------------------------------------------------------------
 
+
+@app.command()
+def train(
+    args: list[str] = typer.Argument(None, help="key=value overrides of the config (e.g. train.zero_stage=3 "
+                                     "output_uri=s3://bucket/models/x)"),
+    config: str = typer.Option(None, "--config", "-c", help="TrainJobConfig YAML (e.g. jobs/configs/train_tiny.yaml)"),
+) -> None:
+    """Fine-tune with Ray Train + DeepSpeed and export the model; re-running the same command resumes."""
+    import json
+
+    from vlm2rec_ray.config import ConfigError, TrainJobConfig, load_config
+    from vlm2rec_ray.storage import StorageError
+    from vlm2rec_ray.train.trainer import run_training
+
+    try:
+        cfg = load_config(TrainJobConfig, config, list(args or []))
+        summary = run_training(cfg, progress=lambda m: typer.echo(m, err=True))
+    except ConfigError as e:
+        fail(str(e))
+    except (FileNotFoundError, ValueError, StorageError) as e:
+        fail(str(e), code=1)
+    keys = ("global_step", "resumes", "final_metrics", "export_max_abs_diff", "output_uri")
+    typer.echo(json.dumps({k: summary.get(k) for k in keys}, indent=2, default=str))
+
+
 # --- embed ------------------------------------------------------------------------------------------------
 
 

@@ -398,3 +398,219 @@ class EmbedJobConfig(_Part):
     def data_endpoint(self) -> str | None:
         """The S3 endpoint for catalog, images and output (falls back to the model's)."""
         return self.endpoint_url or self.model.endpoint_url
+
+
+# --- train (train/) ---------------------------------------------------------------------------------------
+
+
+class TrainDataConfig(_Part):
+    """Where training examples come from: a prepared dataset's split, joined to its catalog, images fetched
+    from object storage in Ray Data CPU stages."""
+
+    dataset_uri: str = Field(description="prepared dataset (local dir or s3:// prefix) with catalog.parquet and splits/")
+    split: Literal["train", "valid"] = Field("train", description="split whose (history, target) rows are trained on")
+    endpoint_url: str | None = Field(None, description="S3 endpoint for dataset, images and output; default "
+                                     "AWS_ENDPOINT_URL (or model.endpoint_url)")
+    allowed_roots: list[str] = Field(default_factory=list, description="image_uri prefixes allowed; [] = any")
+    few_shot_users: int | None = Field(None, ge=1, description="train on K sampled users only (the paper's few-shot "
+                                       "setting); null = all users")
+    max_rows: int | None = Field(None, ge=1, description="cap on training rows after few-shot sampling (smoke runs)")
+    seed: int = Field(0, description="seed of the few-shot user sample and the shuffle")
+    check_images: bool = Field(True, description="fetch and decode every referenced image once before training; "
+                               "rows whose target image fails are dropped and history items whose image fails are "
+                               "removed, all listed in <output_uri>/data_errors.parquet")
+    max_image_bytes: int = Field(20_000_000, gt=0, description="images larger than this fail with too_large")
+    cpus_per_task: float = Field(0.5, gt=0.0, description="CPUs reserved by each fetch/decode task")
+    task_batch_size: int = Field(16, ge=1, description="rows per fetch/decode task batch")
+    shuffle_buffer_rows: int = Field(256, ge=0, description="per-worker local shuffle buffer (rows); 0 = no shuffle")
+
+    @field_validator("dataset_uri")
+    @classmethod
+    def _dataset_uri(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("data.dataset_uri is empty; give a prepared dataset, e.g. data.dataset_uri=s3://bucket/beauty")
+        return v
+
+
+class TrainConfig(_Part):
+    """Optimisation (paper 5.1.1 defaults: AdamW lr 1e-5, batch 8, 3 epochs, gradient checkpointing) and the
+    DeepSpeed engine (ZeRO stage, offload, precision)."""
+
+    lr: float = Field(1e-5, gt=0.0, description="AdamW learning rate (paper: 1e-5)")
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up over this many optimizer steps")
+    epochs: int = Field(3, ge=1, description="passes over the training rows (paper: 3)")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps in total")
+    per_device_batch_size: int = Field(8, ge=1, description="rows per worker per micro-batch (paper: 8)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    grad_clip: float = Field(1.0, ge=0.0, description="gradient-norm clipping; 0 = off")
+    zero_stage: int = Field(2, description="DeepSpeed ZeRO stage 0, 1, 2 or 3")
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload optimizer states to CPU (stage >= 1)")
+    offload_params: bool = Field(False, description="ZeRO-Infinity parameter offload to CPU (stage 3)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 on GPU, fp32 on CPU; fp16 needs a GPU")
+    gradient_checkpointing: bool = True
+    train_vision: bool = Field(False, description="also train the vision tower (frozen by default)")
+    full_finetune: bool = Field(False, description="train every language-model weight instead of LoRA")
+    seed: int = 0
+    log_every: int = Field(10, ge=1, description="report losses, margins, alpha, beta, samples/s every N steps")
+    checkpoint_every: int = Field(100, ge=1, description="checkpoint every N optimizer steps (and at epoch ends)")
+    checkpoint_at_epoch_end: bool = Field(True, description="also checkpoint after the last step of every epoch")
+    diag_every: int = Field(50, ge=0, description="gradient-alignment diagnostic every M steps; 0 = off")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept in storage (the latest ones)")
+    cpu_shm_allreduce: bool = Field(True, description="CPU only: DeepSpeed's shared-memory allreduce op (JIT-built "
+                                    "once, ~35 s, cached in TORCH_EXTENSIONS_DIR); false uses plain gloo")
+    verify_export: bool = Field(True, description="check that the exported model reproduces the in-training "
+                                "embeddings of a probe batch (max |diff| goes in the model card)")
+    inject_failure_at_step: int | None = Field(None, ge=1, description="testing only: the last worker exits once "
+                                               "after this optimizer step, to exercise failure recovery")
+
+    @field_validator("zero_stage")
+    @classmethod
+    def _stage(cls, v: int) -> int:
+        if v not in (0, 1, 2, 3):
+            raise ValueError(f"train.zero_stage={v} is not a DeepSpeed ZeRO stage; use 0, 1, 2 or 3 "
+                             "(2 for LoRA on 3-7B backbones, 3 for 32B+)")
+        return v
+
+    @model_validator(mode="after")
+    def _engine(self) -> TrainConfig:
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("train.offload_optimizer=true needs ZeRO: set train.zero_stage to 1, 2 or 3 "
+                             "(got train.zero_stage=0)")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"train.offload_params=true needs train.zero_stage=3 (got {self.zero_stage}); "
+                             "parameter offload only exists in ZeRO-3")
+        return self
+
+
+class RayScalingConfig(_Part):
+    """Ray Train workers: one DeepSpeed rank per worker."""
+
+    num_workers: int = Field(2, ge=1, description="training workers (data-parallel ranks)")
+    use_gpu: bool = Field(False, description="one or more GPUs per worker (NCCL); false = CPU workers (gloo)")
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: float = Field(1.0, gt=0.0, description="GPUs per worker when use_gpu (usually 1)")
+
+
+class TrainJobConfig(_Part):
+    """``vlm2rec train``: fine-tune a VLM into a VLM2Rec embedder with Ray Train + DeepSpeed.
+
+    Writes the trained model (merged Hugging Face weights + processor at ``output_uri``, the LoRA adapter in
+    ``output_uri/adapter``), ``README.md`` (model card), ``metrics.jsonl`` and ``train_summary.json`` (last).
+    Checkpoints go to ``storage_path/run_name``; re-running the same command resumes from the latest one.
+    """
+
+    model: ModelConfig
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    data: TrainDataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: RayScalingConfig = Field(default_factory=RayScalingConfig)
+    output_uri: str = Field(description="where the trained model goes (local dir or s3:// prefix)")
+    storage_path: str | None = Field(None, description="Ray Train storage for checkpoints (shared dir or s3://); "
+                                     "default <output_uri>/checkpoints")
+    run_name: str = Field("train", description="Ray Train run name; the same name + storage_path resumes")
+    max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint; -1 = unlimited")
+
+    @field_validator("output_uri")
+    @classmethod
+    def _output_uri(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("output_uri is empty; give a local dir or s3:// prefix, e.g. output_uri=s3://bucket/models/x")
+        if v.startswith("s3://") and len(v[5:].split("/", 1)[0]) < 3:
+            raise ValueError(f"output_uri={v!r} has no valid bucket; write s3://<bucket>/<prefix>")
+        return v
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", v):
+            raise ValueError(f"run_name={v!r} must be 1-128 letters, digits or _.- (it names a storage folder)")
+        return v
+
+    @model_validator(mode="after")
+    def _combination(self) -> TrainJobConfig:
+        t, s = self.train, self.scaling
+        if t.precision == "fp16" and not s.use_gpu:
+            raise ValueError("train.precision='fp16' is not supported on CPU (DeepSpeed: 'Type fp16 is not supported "
+                             "on your device'); use train.precision=bf16 or fp32, or set scaling.use_gpu=true")
+        global_batch = t.per_device_batch_size * s.num_workers
+        if global_batch < 2:
+            raise ValueError(f"train.per_device_batch_size * scaling.num_workers = {t.per_device_batch_size} * "
+                             f"{s.num_workers} = {global_batch}: in-batch negatives need at least 2 rows per step; "
+                             "raise train.per_device_batch_size (paper: 8)")
+        if t.per_device_batch_size < 2 and not self.objective.gather_negatives:
+            raise ValueError(f"train.per_device_batch_size={t.per_device_batch_size} with "
+                             "objective.gather_negatives=false leaves no in-batch negative on a worker; raise "
+                             "per_device_batch_size or set objective.gather_negatives=true")
+        if t.full_finetune and self.lora.enabled and "enabled" in self.lora.model_fields_set:
+            raise ValueError("train.full_finetune=true together with lora.enabled=true: pick one; full fine-tuning "
+                             "trains the language model's weights directly (set lora.enabled=false)")
+        if not t.full_finetune and not self.lora.enabled and not t.train_vision:
+            raise ValueError("nothing to train: lora.enabled=false, train.full_finetune=false and "
+                             "train.train_vision=false; enable LoRA (the paper's setting) or one of the others")
+        if self.model.fusion == "internal" and self.objective.variant != "sft":
+            raise ValueError(f"model.fusion='internal' with objective.variant={self.objective.variant!r}: the "
+                             "interleaved prompt has no separate text and image embeddings for WPCL/CRTR; use "
+                             "objective.variant=sft (the VLM_SFT_internal baseline) or model.fusion=external")
+        if self.model.fusion == "internal" and self.objective.num_sampled_negatives:
+            raise ValueError("objective.num_sampled_negatives > 0 is supported with model.fusion=external only")
+        return self
+
+    @property
+    def uses_lora(self) -> bool:
+        """LoRA adapters are trained (the default; off for full fine-tuning)."""
+        return self.lora.enabled and not self.train.full_finetune
+
+    @property
+    def precision(self) -> str:
+        """The resolved precision: ``fp32``, ``bf16`` or ``fp16`` (``auto`` -> bf16 on GPU, fp32 on CPU)."""
+        if self.train.precision == "auto":
+            return "bf16" if self.scaling.use_gpu else "fp32"
+        return self.train.precision
+
+    @property
+    def data_endpoint(self) -> str | None:
+        """The S3 endpoint for dataset, images and output (falls back to the model's)."""
+        return self.data.endpoint_url or self.model.endpoint_url
+
+    def with_absolute_paths(self, base: str | Path | None = None) -> TrainJobConfig:
+        """A copy whose local paths (``model.name`` when it names an existing directory or starts with ``/``,
+        ``./``, ``../`` or ``~``; ``data.dataset_uri``, ``output_uri``, ``storage_path``) are absolute.
+
+        The driver calls this before the config travels to Ray workers, whose working directory is not the
+        driver's: a relative ``model.name: build/tiny_backbone`` would otherwise be looked up on the hub there.
+        s3:// URIs and hub ids (``Qwen/Qwen2.5-VL-3B-Instruct``) are left as they are.
+
+        Args:
+            base: directory relative paths are taken from (default: the current working directory).
+        """
+        root = Path(base) if base is not None else Path.cwd()
+
+        def absolute(uri: str) -> str:
+            if "://" in uri and not uri.startswith("file://"):
+                return uri
+            p = Path(uri.removeprefix("file://")).expanduser()
+            return str(p if p.is_absolute() else (root / p).resolve())
+
+        name = self.model.name
+        local_model = (name.startswith(("/", "./", "../", "~", "file://")) or (root / name).exists()) \
+            and "://" not in name.removeprefix("file://")
+        # model_copy keeps which settings were given explicitly (the full_finetune/lora check reads that).
+        update: dict[str, Any] = {
+            "model": self.model.model_copy(update={"name": absolute(name)}) if local_model else self.model,
+            "data": self.data.model_copy(update={"dataset_uri": absolute(self.data.dataset_uri)}),
+            "output_uri": absolute(self.output_uri),
+        }
+        if self.storage_path is not None:
+            update["storage_path"] = absolute(self.storage_path)
+        return self.model_copy(update=update, deep=True)
+
+    @property
+    def resolved_storage_path(self) -> str:
+        """Ray Train's storage path: ``storage_path`` or ``<output_uri>/checkpoints`` (local paths made absolute)."""
+        path = self.storage_path or f"{self.output_uri.rstrip('/')}/checkpoints"
+        if path.startswith("s3://"):
+            return path
+        return str(Path(path).expanduser().resolve())
