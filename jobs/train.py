@@ -21,6 +21,8 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="TrainJobConfig YAML")
+    parser.add_argument("--address", default=None, help="Ray cluster to join (auto, ray://host:10001); default "
+                        "RAY_ADDRESS, else a private local instance")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.zero_stage=3")
     args = parser.parse_args(argv)
 
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    summary = run_training(cfg, progress=lambda m: print(m, file=sys.stderr))
+    summary = run_training(cfg, progress=lambda m: print(m, file=sys.stderr), ray_address=args.address)
     keys = ("global_step", "resumes", "final_metrics", "export_max_abs_diff", "output_uri")
     print(json.dumps({k: summary.get(k) for k in keys}, indent=2, default=str))
     return 0

@@ -175,6 +175,8 @@ def train(
     args: list[str] = typer.Argument(None, help="key=value overrides of the config (e.g. train.zero_stage=3 "
                                      "output_uri=s3://bucket/models/x)"),
     config: str = typer.Option(None, "--config", "-c", help="TrainJobConfig YAML (e.g. jobs/configs/train_tiny.yaml)"),
+    address: str = typer.Option(None, "--address", help="Ray cluster to join (auto, ray://host:10001); default "
+                                "RAY_ADDRESS, else a private local instance"),
 ) -> None:
     """Fine-tune with Ray Train + DeepSpeed and export the model; re-running the same command resumes."""
     import json
@@ -185,7 +187,7 @@ def train(
 
     try:
         cfg = load_config(TrainJobConfig, config, list(args or []))
-        summary = run_training(cfg, progress=lambda m: typer.echo(m, err=True))
+        summary = run_training(cfg, progress=lambda m: typer.echo(m, err=True), ray_address=address)
     except ConfigError as e:
         fail(str(e))
     except (FileNotFoundError, ValueError, StorageError) as e:

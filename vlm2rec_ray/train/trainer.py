@@ -37,14 +37,21 @@ __all__ = ["PROBE_ROWS", "build_trainer", "connect_ray", "run_training"]
 PROBE_ROWS = 4  # rows of the export-check / rank-agreement probe batch
 
 
-def connect_ray() -> None:
-    """Join the cluster in ``RAY_ADDRESS`` (e.g. inside ``ray job submit``) or start a private local one."""
+def connect_ray(address: str | None = None) -> None:
+    """Join a running cluster or start a private local one.
+
+    Args:
+        address: a cluster to join (``auto``: the one ``ray start`` runs on this machine, or
+            ``ray://host:10001``); default ``RAY_ADDRESS``, which ``ray job submit`` sets for the job's driver.
+            With neither, a private local instance is started (loopback, temp files under build/).
+    """
     import ray
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address)
         return
     from vlm2rec_ray.runtime import init_local_ray
 
@@ -93,8 +100,12 @@ def build_trainer(cfg: TrainJobConfig, datasets: dict[str, ray.data.Dataset] | N
     )
 
 
-def run_training(cfg: TrainJobConfig, *, progress: Callable[[str], None] = print) -> dict[str, Any]:
+def run_training(cfg: TrainJobConfig, *, progress: Callable[[str], None] = print,
+                 ray_address: str | None = None) -> dict[str, Any]:
     """Prepare the data, train, export; write ``README.md`` and ``train_summary.json`` (last) to ``output_uri``.
+
+    Ray: joins ``ray_address`` / ``RAY_ADDRESS`` when given, else starts a private local instance
+    (:func:`connect_ray`).
 
     Returns:
         The run summary (also in ``train_summary.json``).
@@ -109,7 +120,7 @@ def run_training(cfg: TrainJobConfig, *, progress: Callable[[str], None] = print
 
     started = time.time()
     cfg = cfg.with_absolute_paths()
-    connect_ray()
+    connect_ray(ray_address)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -32,3 +32,23 @@ def test_jobs_train_bad_config_returns_2(capsys: pytest.CaptureFixture[str]) -> 
     assert job.main(["--config", TINY, "train.precision=fp16"]) == 2
     err = capsys.readouterr().err
     assert "train.precision='fp16' is not supported on CPU" in err and "use train.precision=bf16 or fp32" in err
+
+
+def test_connect_ray_joins_a_cluster_when_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RAY_ADDRESS (set by `ray job submit`) or an explicit address joins that cluster; otherwise a private
+    local instance starts."""
+    import ray
+
+    import vlm2rec_ray.runtime
+    from vlm2rec_ray.train.trainer import connect_ray
+
+    calls: list[tuple[str, object]] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(("init", kw.get("address"))))
+    monkeypatch.setattr(vlm2rec_ray.runtime, "init_local_ray", lambda **kw: calls.append(("local", None)))
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    connect_ray()
+    monkeypatch.delenv("RAY_ADDRESS")
+    connect_ray("auto")
+    connect_ray()
+    assert calls == [("init", "127.0.0.1:6379"), ("init", "auto"), ("local", None)]

@@ -1,0 +1,84 @@
+"""One DeepSpeed rank in-process (gloo, world size 1): full fine-tuning with the vision tower trained, then the
+Hugging Face export reproduces the in-training embeddings (the LoRA path runs in the 2-worker integration tests)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from vlm2rec_ray.config import TrainJobConfig, load_config
+from vlm2rec_ray.train.data import pack_image, to_train_batch
+
+
+def _batch(rows: int = 4, history: int = 2, size: int = 56):  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(0)
+    words = "red green blue lamp mug shirt chair watch".split()
+    cols: dict[str, list] = {k: [] for k in ("user_id", "target_index", "target_title", "target_image", "target_size",
+                                             "history_titles", "history_images", "history_sizes")}
+    for b in range(rows):
+        packed = [pack_image(Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)))
+                  for _ in range(history + 1)]
+        titles = [" ".join(rng.choice(words, size=3)) + f" {b}{h}" for h in range(history + 1)]
+        cols["user_id"].append(f"u{b}")
+        cols["target_index"].append(b)
+        cols["target_title"].append(titles[-1])
+        cols["target_image"].append(packed[-1][0])
+        cols["target_size"].append(list(packed[-1][1:]))
+        cols["history_titles"].append(titles[:-1])
+        cols["history_images"].append([p[0] for p in packed[:-1]])
+        cols["history_sizes"].append([list(p[1:]) for p in packed[:-1]])
+    return to_train_batch(pa.table(cols))
+
+
+@pytest.fixture
+def process_group(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                 "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_full_finetune_with_vision_exports_identical_embeddings(process_group: None, tiny_backbone_dir: Path,
+                                                                tmp_path: Path) -> None:
+    from vlm2rec_ray.model.backbone import load_backbone
+    from vlm2rec_ray.train import export
+    from vlm2rec_ray.train.deepspeed_config import build_deepspeed_config
+    from vlm2rec_ray.train.loop import _probe_embeddings, build_engine, train_step
+
+    cfg = load_config(TrainJobConfig, None, [
+        f"model.name={tiny_backbone_dir}", "model.min_pixels=3136", "model.max_pixels=3136",
+        "data.dataset_uri=unused", f"output_uri={tmp_path / 'out'}", "scaling.num_workers=1",
+        "train.per_device_batch_size=4", "train.full_finetune=true", "lora.enabled=false", "train.train_vision=true",
+        "train.zero_stage=2", "train.lr=1e-3", "train.cpu_shm_allreduce=false", "objective.variant=sft"])
+    assert not cfg.uses_lora
+    engine, module = build_engine(cfg, build_deepspeed_config(cfg), torch.device("cpu"))
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert any(".visual." in n for n in trainable) and any("language_model" in n for n in trainable)
+    assert not any("lora_" in n for n in trainable)
+    before = export.fingerprints(module)
+    batch = _batch()
+    losses = [train_step(engine, batch, module.objective, gather=False)["loss"] for _ in range(3)]
+    assert np.isfinite(losses).all()
+    after = export.fingerprints(module)
+    changed = [n for n in before if before[n] != after[n]]
+    assert len(changed) > 0.9 * len(before), sorted(set(before) - set(changed))[:5]
+
+    probe = _probe_embeddings(engine, batch)
+    info = export.export_trained_model(cfg, export.gather_trainable(module, rank=0), probe=(batch, probe))
+    assert info["export_max_abs_diff"] < 1e-4, info
+    assert info["files"] == {"merged": "."} and not (tmp_path / "out" / "adapter").exists()
+    model, _ = load_backbone(str(tmp_path / "out"), device="cpu")
+    assert model.config.model_type == "qwen2_5_vl"
