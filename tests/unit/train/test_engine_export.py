@@ -36,19 +36,27 @@ def _batch(rows: int = 4, history: int = 2, size: int = 56):  # type: ignore[no-
     return to_train_batch(pa.table(cols))
 
 
-@pytest.fixture
-def process_group(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module")
+def process_group():  # type: ignore[no-untyped-def]
+    """One gloo group for the whole module: DeepSpeed caches its groups, so they must outlive every engine."""
+    import os
+
     import torch.distributed as dist
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                 "LOCAL_RANK": "0"}.items():
-        monkeypatch.setenv(k, v)
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def test_full_finetune_with_vision_exports_identical_embeddings(process_group: None, tiny_backbone_dir: Path,
@@ -82,3 +90,33 @@ def test_full_finetune_with_vision_exports_identical_embeddings(process_group: N
     assert info["files"] == {"merged": "."} and not (tmp_path / "out" / "adapter").exists()
     model, _ = load_backbone(str(tmp_path / "out"), device="cpu")
     assert model.config.model_type == "qwen2_5_vl"
+
+
+@pytest.mark.parametrize(("overrides", "tol"), [
+    (["train.precision=bf16", "train.zero_stage=1"], 5e-2),  # bf16 on CPU: export agrees to bf16 rounding
+    (["train.zero_stage=2", "train.offload_optimizer=true", "train.grad_accum=2"], 1e-4),
+])
+def test_lora_bf16_and_offload(process_group: None, tiny_backbone_dir: Path, tmp_path: Path,
+                               overrides: list[str], tol: float) -> None:
+    from vlm2rec_ray.train import export
+    from vlm2rec_ray.train.deepspeed_config import build_deepspeed_config
+    from vlm2rec_ray.train.loop import _probe_embeddings, build_engine, train_step
+
+    cfg = load_config(TrainJobConfig, None, [
+        f"model.name={tiny_backbone_dir}", "model.min_pixels=3136", "model.max_pixels=3136",
+        "data.dataset_uri=unused", f"output_uri={tmp_path / 'out'}", "scaling.num_workers=1",
+        "train.per_device_batch_size=4", "train.lr=1e-2", "train.cpu_shm_allreduce=false", *overrides])
+    ds = build_deepspeed_config(cfg)
+    engine, module = build_engine(cfg, ds, torch.device("cpu"))
+    before = export.fingerprints(module)
+    batch = _batch()
+    for _ in range(2 * cfg.train.grad_accum):
+        assert np.isfinite(train_step(engine, batch, module.objective, gather=False)["loss"])
+    assert engine.global_steps == 2
+    after = export.fingerprints(module)
+    assert all(before[n] != after[n] for n in before), [n for n in before if before[n] == after[n]]
+    probe = _probe_embeddings(engine, batch)
+    info = export.export_trained_model(cfg, export.gather_trainable(module, rank=0), probe=(batch, probe))
+    assert info["export_dtype"] == cfg.precision and info["export_max_abs_diff"] < tol, info
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
+    print(f"{overrides}: export max diff {info['export_max_abs_diff']:.2e}")
