@@ -312,6 +312,32 @@ def evaluate(
     typer.echo(f"wrote {cfg.output_uri}/eval.json")
 
 
+@app.command()
+def demo(
+    args: list[str] = typer.Argument(None, help="key=value overrides (e.g. store=s3://bucket/demo "
+                                     "dataset.image_only_signal=0.3 fresh=true)"),
+    config: str = typer.Option(None, "--config", "-c", help="DemoConfig YAML (default jobs/configs/demo.yaml)"),
+) -> None:
+    """The whole pipeline on local Ray: synthetic catalog -> train VLM_SFT and VLM2Rec -> embed -> evaluate -> report.
+
+    Re-running skips finished steps (same settings); fresh=true redoes everything.
+    """
+    from vlm2rec_ray.config import ConfigError, load_config
+    from vlm2rec_ray.demo import DEFAULT_CONFIG, DemoConfig, run_demo
+    from vlm2rec_ray.embed import EmbedFailureError
+    from vlm2rec_ray.storage import StorageError
+
+    try:
+        cfg = load_config(DemoConfig, config or str(DEFAULT_CONFIG), list(args or []))
+        out = run_demo(cfg, progress=lambda m: typer.echo(m, err=True))
+    except ConfigError as e:
+        fail(str(e))
+    except (EmbedFailureError, FileNotFoundError, ValueError, StorageError) as e:
+        fail(str(e), code=1)
+    typer.echo("\n" + out["table"])
+    typer.echo(f"\ndemo finished in {out['wall_s'] / 60:.1f} min; report: {out['report']}")
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 
