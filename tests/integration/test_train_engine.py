@@ -15,6 +15,8 @@ from PIL import Image
 from vlm2rec_ray.config import TrainJobConfig, load_config
 from vlm2rec_ray.train.data import pack_image, to_train_batch
 
+pytestmark = pytest.mark.integration  # DeepSpeed in-process
+
 
 def _batch(rows: int = 4, history: int = 2, size: int = 56):  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(0)
