@@ -3,7 +3,7 @@
 One step reads like this (:func:`train_step`)::
 
     out = engine(seq_titles, seq_images, item_titles, item_images)   # embeddings z_t, z_v, e_t, e_v
-    candidates = gather_with_grad(e, local_first=True)                # other workers' targets as negatives
+    candidates = all_gather_full_grad(e, local_first=True)            # other workers' targets as negatives
     loss = objective(z_t, z_v, e_t_all, e_v_all, neg_mask)            # duplicate targets masked
     engine.backward(loss.total); engine.step()
 
@@ -58,7 +58,7 @@ def compute_loss(out: Any, batch: TrainBatch, objective: nn.Module, *, gather: b
     """Apply the objective to one batch's embeddings.
 
     Candidates are this worker's items (its B targets first, then sampled negatives) followed, when
-    ``gather`` and distributed, by every other worker's items (:func:`gather_with_grad`, local first, so row
+    ``gather`` and distributed, by every other worker's items (:func:`all_gather_full_grad`: local first, so row
     i's positive stays candidate i). Candidates that are the same catalog item as row i's target are never
     its negatives.
     """
