@@ -169,7 +169,10 @@ class BatchEncoder:
         return done, errors
 
     def _to_numpy(self, t: Any) -> np.ndarray:
-        return t.detach().float().cpu().numpy().astype(np.float32, copy=False)
+        # A copy: ``hidden[:, -1]`` is a view of the whole (B, T, d) hidden state, and on CPU ``.numpy()`` shares
+        # its memory, so a cached row would keep the batch's hidden state alive (it did: the actor grew by
+        # ~30 KB per item with the tiny model; B * T * d floats per batch with a real one).
+        return np.array(t.detach().float().cpu().numpy(), dtype=np.float32, copy=True)
 
     # ------------------------------------------------------------------ encode
 
@@ -209,6 +212,7 @@ class BatchEncoder:
                             self.encoder.encode_image_sequences([images[todo[j]] for j in c]))
                     done, errs = self._run(fn, self._chunks([keys[i] for i in todo], shapes))
                     for j, vec in done.items():
+                        vec = vec.copy()  # own its d floats, not a view of the chunk's (B, d) output
                         fresh[keys[todo[j]]] = vec
                         cache.put(keys[todo[j]], vec)
                         (n_text if which == "text" else n_image)[todo[j]] = 1
@@ -246,6 +250,7 @@ class BatchEncoder:
             done, errs = self._run(lambda c: self._to_numpy(self.encoder.encode_interleaved(
                 [titles[todo[j]] for j in c], [images[todo[j]] for j in c])), self._chunks([keys[i] for i in todo], shapes))
             for j, vec in done.items():
+                vec = vec.copy()
                 fresh[keys[todo[j]]] = vec
                 self.joint_cache.put(keys[todo[j]], vec)
             for j, msg in errs.items():

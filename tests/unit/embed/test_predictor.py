@@ -138,3 +138,11 @@ def test_internal_fusion_uses_the_interleaved_prompt(encoder: VLM2RecEncoder, ro
     e_sum = np.stack(out.column("emb_text").to_numpy(zero_copy_only=False)) + np.stack(
         out.column("emb_image").to_numpy(zero_copy_only=False))
     assert not np.allclose(got, e_sum)
+
+
+def test_cache_holds_only_the_embeddings(encoder: VLM2RecEncoder, rows: pa.Table) -> None:
+    """Cached vectors own their d floats: a view would keep the batch's (B, T, d) hidden state alive."""
+    core = BatchEncoder(encoder, batch_size=8)
+    core.embed_table(rows)
+    cached = [*core.text_cache.data.values(), *core.image_cache.data.values()]
+    assert cached and all(v.base is None and v.nbytes == 4 * core.dim for v in cached)
