@@ -246,70 +246,91 @@ def throughput(args: argparse.Namespace) -> dict:
             proc.terminate()
 
 
-def _session_pss(root_pid: int, exclude: set[int]) -> tuple[float, float]:
+def _process_group(p) -> str:  # type: ignore[no-untyped-def]
+    """A short label for a process of the Ray instance: its title (``ray::IDLE``, ``raylet``) or script name."""
+    cmd = p.cmdline() or [p.name()]
+    head = cmd[0]
+    if "python" in Path(head).name and len(cmd) > 1:
+        head = Path(cmd[1]).name if not cmd[1].startswith("-") else " ".join(cmd[1:3])
+    head = head.split()[0] if head.startswith("ray::") else Path(head).name
+    return head[:60]
+
+
+def _session_pss(root_pid: int) -> tuple[float, float, dict[str, float]]:
+    """``(driver RSS, summed PSS of the driver and all its descendants, PSS by process group)`` in MiB."""
     import psutil
 
     me = psutil.Process(root_pid)
     total = 0.0
+    groups: dict[str, float] = {}
     for p in [me, *me.children(recursive=True)]:
-        if p.pid in exclude:
-            continue
         try:
-            total += p.memory_full_info().pss
+            pss = p.memory_full_info().pss / 2**20
+            name = "driver" if p.pid == root_pid else _process_group(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return me.memory_info().rss / 2**20, total / 2**20
+        total += pss
+        groups[name] = groups.get(name, 0.0) + pss
+    return me.memory_info().rss / 2**20, total, groups
 
 
 def memory_child(args: argparse.Namespace) -> dict:
+    """One catalog size, in a fresh process: start Ray, run the pipeline, sample memory every 0.25 s."""
     from vlm2rec_ray.embed.pipeline import run_embed_items
     from vlm2rec_ray.runtime import init_local_ray
 
-    proc, endpoint = start_moto()
-    try:
-        from vlm2rec_ray import storage
+    cfg = embed_config(args.model or model_dir(args.model_size or "tiny"), args.catalog,
+                       f"s3://bench-catalog/emb{args.items}", args.endpoint, [f"batch_size={args.batch_size}", *args.set])
+    init_local_ray(num_cpus=os.cpu_count())
+    peaks: dict = {"driver_rss_mib": 0.0, "ray_pss_mib": 0.0, "by_process_at_peak": {}}
+    stop = threading.Event()
 
-        storage.s3_client(endpoint).create_bucket(Bucket="bench-catalog")
-        catalog = make_catalog("s3://bench-catalog/data", args.items, args.image_size, endpoint)
-        cfg = embed_config(args.model or model_dir(args.model_size or "tiny"), catalog, "s3://bench-catalog/emb", endpoint,
-                           [f"batch_size={args.batch_size}", *args.set])
-        init_local_ray(num_cpus=os.cpu_count())
-        peaks = {"driver_rss_mib": 0.0, "ray_pss_mib": 0.0}
-        stop = threading.Event()
+    def sample() -> None:
+        while not stop.is_set():
+            rss, pss, groups = _session_pss(os.getpid())
+            peaks["driver_rss_mib"] = max(peaks["driver_rss_mib"], rss)
+            if pss > peaks["ray_pss_mib"]:
+                peaks["ray_pss_mib"] = pss
+                peaks["by_process_at_peak"] = {k: round(v, 1) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])}
+            stop.wait(0.25)
 
-        def sample() -> None:
-            while not stop.is_set():
-                rss, pss = _session_pss(os.getpid(), {proc.pid})
-                peaks["driver_rss_mib"] = max(peaks["driver_rss_mib"], rss)
-                peaks["ray_pss_mib"] = max(peaks["ray_pss_mib"], pss)
-                stop.wait(0.25)
-
-        t = threading.Thread(target=sample, daemon=True)
-        t.start()
-        t0 = time.perf_counter()
-        summary = run_embed_items(cfg)
-        wall = time.perf_counter() - t0
-        stop.set()
-        t.join()
-        peaks["driver_maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return {"items": args.items, "ok": summary["ok"], "wall_s": round(wall, 1), **{k: round(v, 1) for k, v in peaks.items()}}
-    finally:
-        proc.terminate()
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    t0 = time.perf_counter()
+    summary = run_embed_items(cfg)
+    wall = time.perf_counter() - t0
+    stop.set()
+    t.join()
+    peaks["driver_maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"items": args.items, "ok": summary["ok"], "wall_s": round(wall, 1),
+            **{k: (round(v, 1) if isinstance(v, float) else v) for k, v in peaks.items()}}
 
 
 def memory(args: argparse.Namespace) -> list[dict]:
+    """Each size in a fresh process against one moto server; catalogs are built here, outside the measured
+    processes (the moto server is not measured either)."""
+    from vlm2rec_ray import storage
+
     sizes = [int(x) for x in args.memory.split(",")]
     rows = []
-    for n in sizes:
-        cmd = [sys.executable, __file__, "--memory-child", "--items", str(n), "--image-size", str(args.image_size),
-               "--batch-size", str(args.batch_size), *(["--model", args.model] if args.model else []),
-               *(["--model-size", args.model_size] if args.model_size else []),
-               *functools.reduce(operator.iadd, (["--set", s] for s in args.set), [])]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        row = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{n:>7} items: driver RSS peak {row['driver_rss_mib']:.0f} MiB, Ray instance PSS peak "
-              f"{row['ray_pss_mib']:.0f} MiB ({row['wall_s']} s)", flush=True)
-        rows.append(row)
+    proc, endpoint = start_moto()
+    try:
+        storage.s3_client(endpoint).create_bucket(Bucket="bench-catalog")
+        for n in sizes:
+            catalog = make_catalog(f"s3://bench-catalog/n{n}", n, args.image_size, endpoint)
+            cmd = [sys.executable, __file__, "--memory-child", "--items", str(n), "--image-size", str(args.image_size),
+                   "--batch-size", str(args.batch_size), "--endpoint", endpoint, "--catalog", catalog,
+                   *(["--model", args.model] if args.model else []),
+                   *(["--model-size", args.model_size] if args.model_size else []),
+                   *functools.reduce(operator.iadd, (["--set", s] for s in args.set), [])]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{n:>7} items: driver RSS peak {row['driver_rss_mib']:.0f} MiB, Ray instance PSS peak "
+                  f"{row['ray_pss_mib']:.0f} MiB ({row['wall_s']} s); at the peak: "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in list(row["by_process_at_peak"].items())[:8]), flush=True)
+            rows.append(row)
+    finally:
+        proc.terminate()
     lo, hi = rows[0], rows[-1]
     for k in ("driver_rss_mib", "ray_pss_mib"):
         print(f"{k}: {hi['items']} / {lo['items']} items = {hi[k] / lo[k]:.2f} (target <= 1.2)")
@@ -330,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], help="extra EmbedJobConfig override key=value")
     p.add_argument("--memory", default=None, help="comma-separated catalog sizes, e.g. 2000,20000")
     p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--endpoint", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--catalog", default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print the result as JSON too")
     args = p.parse_args(argv)
     from vlm2rec_ray.runtime import configure_local_env
