@@ -23,10 +23,12 @@ engine state and the loop state.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -100,6 +102,48 @@ def save_and_report(engine: DeepSpeedEngine, state: TrainState, history: list[di
         shutil.rmtree(root, ignore_errors=True)
 
 
+#: The non-tensor classes DeepSpeed pickles into its engine checkpoints; the only globals allowed when loading.
+_DS_SAFE_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+)
+
+
+@contextlib.contextmanager
+def weights_only_loading(engine: DeepSpeedEngine) -> Iterator[None]:
+    """Make DeepSpeed read its checkpoint files with ``torch.load(weights_only=True)``.
+
+    DeepSpeed's torch checkpoint engine calls ``torch.load(..., weights_only=False)``, which unpickles
+    arbitrary objects. Inside this context it loads with the restricted unpickler instead, allowing only
+    tensors, containers and the few DeepSpeed classes of :data:`_DS_SAFE_GLOBALS`; anything else in a
+    checkpoint file fails with torch's ``UnpicklingError`` instead of running code.
+    """
+    import importlib
+
+    import torch
+
+    allowed = []
+    for dotted in _DS_SAFE_GLOBALS:
+        module, name = dotted.rsplit(".", 1)
+        allowed.append(getattr(importlib.import_module(module), name))
+    ce = engine.checkpoint_engine
+
+    def load(path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    original = ce.__dict__.get("load")
+    ce.load = load
+    try:
+        yield
+    finally:
+        if original is None:
+            del ce.load
+        else:
+            ce.load = original
+
+
 def load_checkpoint_dir(engine: DeepSpeedEngine, directory: str, *, trainable_only: bool
                         ) -> tuple[TrainState, list[dict[str, Any]]]:
     """Load engine + loop state from a checkpoint directory (all ranks must call this)."""
@@ -108,8 +152,9 @@ def load_checkpoint_dir(engine: DeepSpeedEngine, directory: str, *, trainable_on
     if not state_file.exists():
         raise RuntimeError(f"checkpoint {directory} has no state.json; it was not written by vlm2rec train "
                            "(delete the run's storage folder or pick another run_name)")
-    load_path, _ = engine.load_checkpoint(str(root / "ds"), tag=DS_TAG, load_module_strict=not trainable_only,
-                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+    with weights_only_loading(engine):
+        load_path, _ = engine.load_checkpoint(str(root / "ds"), tag=DS_TAG, load_module_strict=not trainable_only,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed found no engine state under {root / 'ds'}; the checkpoint is incomplete")
     state = TrainState.from_dict(json.loads(state_file.read_text()))
