@@ -1,15 +1,16 @@
 """The embed entry points on local paths: ``jobs/embed_items.py`` with a YAML of *relative* paths run from
 another working directory than Ray's workers (exit 0, snapshot readable), a bad config (exit 2 with a
-message), and ``vlm2rec embed items`` failing loudly when the failure share exceeds the limit (exit 1)."""
+message), and ``vlm2rec embed items`` on a JSONL catalog failing loudly when the failure share exceeds the limit
+(exit 1)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
@@ -69,13 +70,14 @@ def test_jobs_embed_items_relative_paths(workdir: Path, ray_local: Any, capsys: 
 
 
 def test_cli_embed_items_fails_loudly(workdir: Path, ray_local: Any) -> None:
-    catalog = pq.read_table(workdir / "data" / "catalog.parquet")
-    titles = catalog.column("title").to_pylist()
-    titles[4] = ""
-    pq.write_table(catalog.set_column(1, "title", pa.array(titles)), workdir / "data" / "catalog.parquet")
+    # The same catalog as JSONL, with one empty title.
+    rows = pq.read_table(workdir / "data" / "catalog.parquet").to_pylist()
+    rows[4]["title"] = ""
+    (workdir / "data" / "catalog.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     runner = CliRunner()
 
-    res = runner.invoke(app, ["embed", "items", "--config", "embed.yaml", "max_failure_fraction=0"])
+    res = runner.invoke(app, ["embed", "items", "--config", "embed.yaml", "catalog_uri=data/catalog.jsonl",
+                              "max_failure_fraction=0"])
     assert res.exit_code == 1, res.output
     assert "11 ok, 1 failed of 12 rows" in res.stdout and "empty_title=1" in res.stdout
     assert "nothing published" in res.stderr and "max_failure_fraction" in res.stderr

@@ -17,7 +17,9 @@ snapshot's files (filtered in CPU tasks against an index in the object store; th
 previous snapshot). Deleted items are simply not carried. Nothing reaches the model when nothing changed.
 
 Nothing is materialized in the driver: data flows task to task through the object store, and the driver
-only receives per-write-task counts and file names. Sequences run the same machinery with each user's
+only receives per-write-task counts and file names. Memory is flat in the catalog size except for one thing:
+a write task starts once ``rows_per_file`` rows (about ``target_file_mib``) are ready, so up to one file's
+rows wait in the object store (blocks under Ray's 100 KB inline limit, e.g. a tiny model's, in the driver). Sequences run the same machinery with each user's
 last ``max_history`` items looked up in the catalog (an index shared through the object store).
 
     summary = run_embed_items(load_config(EmbedJobConfig, "jobs/configs/embed_items.yaml"))
@@ -225,7 +227,12 @@ def embedding_dim(cfg: EmbedJobConfig) -> int:
     else:
         from transformers import AutoConfig
 
-        conf = AutoConfig.from_pretrained(name).to_dict()
+        try:
+            conf = AutoConfig.from_pretrained(name).to_dict()
+        except (OSError, ValueError) as e:
+            raise FileNotFoundError(f"model.name={name!r} is not a local directory, an s3:// prefix or a hub id that "
+                                    f"can be loaded here ({type(e).__name__}: {str(e).splitlines()[0]}); point "
+                                    "model.name at a save_pretrained directory") from e
     text = conf.get("text_config") or {}
     dim = text.get("hidden_size") or conf.get("hidden_size")
     if not dim:

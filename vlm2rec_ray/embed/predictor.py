@@ -63,6 +63,11 @@ def sink_row_schema(dim: int) -> pa.Schema:
     ])
 
 
+# Bytes an LRU entry costs besides its d floats (numpy header, 64-char key, OrderedDict slot), so that
+# cache_mib bounds the real footprint for small d too.
+_ENTRY_OVERHEAD = 400
+
+
 class _LRU:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -116,7 +121,7 @@ class BatchEncoder:
         self.deterministic = deterministic
         self.fusion = fusion
         self.dim = int(encoder.hidden_size)
-        entries = int(cache_mib) * (1 << 20) // (4 * self.dim)
+        entries = int(cache_mib) * (1 << 20) // (4 * self.dim + _ENTRY_OVERHEAD)
         self.text_cache, self.image_cache, self.joint_cache = _LRU(entries), _LRU(entries), _LRU(entries)
         self._grid = _image_grid_fn(encoder.processor)
         self._torch = torch
