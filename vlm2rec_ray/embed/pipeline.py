@@ -19,7 +19,8 @@ previous snapshot). Deleted items are simply not carried. Nothing reaches the mo
 Nothing is materialized in the driver: data flows task to task through the object store, and the driver
 only receives per-write-task counts and file names. Memory is flat in the catalog size except for one thing:
 a write task starts once ``rows_per_file`` rows (about ``target_file_mib``) are ready, so up to one file's
-rows wait in the object store (blocks under Ray's 100 KB inline limit, e.g. a tiny model's, in the driver). Sequences run the same machinery with each user's
+rows wait in the object store (blocks under Ray's 100 KB inline limit, e.g. a tiny model's, in the driver).
+Sequences run the same machinery with each user's
 last ``max_history`` items looked up in the catalog (an index shared through the object store).
 
     summary = run_embed_items(load_config(EmbedJobConfig, "jobs/configs/embed_items.yaml"))
