@@ -135,7 +135,11 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
         key = key.strip().lstrip("-")
         if not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
             raise ConfigError(f"override key {key!r} is not a dotted name like train.lr")
-        _set_dotted(tree, key, yaml.safe_load(raw) if raw.strip() else "")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except (yaml.YAMLError, ValueError):  # e.g. dt=2026-13-01: YAML's date constructor raises ValueError
+            value = raw  # keep the text; the field's validator names the setting, the value and the fix
+        _set_dotted(tree, key, value)
     return tree
 
 
@@ -181,6 +185,9 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+        except ValueError as e:  # a scalar YAML resolves but cannot build, e.g. `dt: 2026-13-01`
+            raise ConfigError(f"config file {str(p)!r} holds a value YAML cannot read ({e}); check dates "
+                              "(dt: YYYY-MM-DD) or quote the value") from e
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping at top level, got {type(loaded).__name__}")
         data = loaded
@@ -329,6 +336,12 @@ class EmbedJobConfig(_Part):
     progress: bool = Field(True, description="Ray Data progress bars")
     endpoint_url: str | None = Field(None, description="S3 endpoint for data and output; default AWS_ENDPOINT_URL")
     allowed_roots: list[str] = Field(default_factory=list, description="image_uri prefixes allowed; [] = any")
+    max_title_chars: int = Field(2000, ge=1, description="titles are cut to this many characters before "
+                                 "tokenizing (a 100 KB title is ~75k tokens: ~45 s of one CPU core per forward "
+                                 "with the 0.2M test model, and attention cost grows with its square)")
+    inject_actor_exit_after_batches: int | None = Field(
+        None, ge=1, description="testing only: a model actor exits hard (os._exit) once per run, after this many "
+        "batches, to exercise actor restarts (Ray Data restarts it and retries the batch); leave unset")
 
     @field_validator("model_version", "dt", mode="before")
     @classmethod

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 S3_SCHEME = "s3://"
 _CLIENTS: dict[tuple[str | None, int, float], Any] = {}
 _CLIENTS_LOCK = threading.Lock()
+_RETRIES = [0]  # boto3 retry attempts of read_bytes in this process (see retry_attempts)
+_RETRIES_LOCK = threading.Lock()
 
 
 class StorageError(RuntimeError):
@@ -131,8 +133,22 @@ def _s3_error(uri: str, exc: Exception) -> StorageError:
     return StorageError(f"S3 request for {uri} failed: {type(exc).__name__}: {exc}", reason="io_error")
 
 
+def retry_attempts() -> int:
+    """S3 retry attempts (``ResponseMetadata.RetryAttempts``: 5xx, throttling, dropped connections) made by
+    :func:`read_bytes` in this process so far, failed reads included. Callers take the difference around a
+    piece of work (the embed pipeline does, per fetch batch, and reports the total as ``storage_retries``)."""
+    return _RETRIES[0]
+
+
+def _count_retries(meta: Any) -> None:
+    n = int((meta or {}).get("RetryAttempts") or 0) if isinstance(meta, dict) else 0
+    if n:
+        with _RETRIES_LOCK:
+            _RETRIES[0] += n
+
+
 def read_bytes(uri: str, *, endpoint: str | None = None, root: str | None = None, max_bytes: int | None = None) -> bytes:
-    """Read a whole object or file.
+    """Read a whole object or file (S3 retries are counted, see :func:`retry_attempts`).
 
     Raises:
         StorageError: with reason ``missing``, ``denied``, ``too_large`` or ``io_error``.
@@ -145,6 +161,7 @@ def read_bytes(uri: str, *, endpoint: str | None = None, root: str | None = None
         try:
             # One GET: the size check uses the response's Content-Length before the body is read.
             resp = client.get_object(Bucket=loc.bucket, Key=loc.key)
+            _count_retries(resp.get("ResponseMetadata"))
             size = int(resp.get("ContentLength", -1))
             if max_bytes is not None and size > max_bytes:
                 resp["Body"].close()
@@ -153,6 +170,8 @@ def read_bytes(uri: str, *, endpoint: str | None = None, root: str | None = None
         except StorageError:
             raise
         except Exception as e:
+            resp_ = getattr(e, "response", None)
+            _count_retries(resp_.get("ResponseMetadata") if isinstance(resp_, dict) else None)
             raise _s3_error(uri, e) from e
         if max_bytes is not None and len(data) > max_bytes:
             raise StorageError(f"{uri} is over the cap of {max_bytes} bytes", "too_large")

@@ -45,6 +45,7 @@ def encoder_fingerprint(cfg: EmbedJobConfig, kind: str) -> str:
         "max_pixels": cfg.model.max_pixels,
         "fusion": cfg.model.fusion,
         "max_history": cfg.model.max_history if kind == "sequences" else 1,
+        "max_title_chars": cfg.max_title_chars,
         "prompts": [prompts.TEXT_SEQUENCE_INSTRUCTION, prompts.IMAGE_SEQUENCE_INSTRUCTION,
                     prompts.INTERLEAVED_SEQUENCE_INSTRUCTION],
     }

@@ -405,7 +405,8 @@ def _model_stage(plan: RunPlan, ds: ray.data.Dataset) -> ray.data.Dataset:
     return ds.map_batches(
         EmbedPredictor,
         fn_constructor_kwargs={"config": plan.cfg.model_dump(mode="json"), "dim": plan.dim, "gpus": plan.gpus,
-                               "torch_threads": plan.torch_threads, "deterministic": plan.deterministic},
+                               "torch_threads": plan.torch_threads, "deterministic": plan.deterministic,
+                               "run_id": plan.run_id},
         batch_size=plan.cfg.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=plan.cfg.num_actors),
@@ -451,6 +452,7 @@ def _summarize(plan: RunPlan, census: dict[str, Any], res: dict[str, Any], scan:
         "reasons": dict(sorted(res["reasons"].items())),
         "texts_encoded": int(c.get("texts_encoded", 0)),
         "images_encoded": int(c.get("images_encoded", 0)),
+        "storage_retries": int(c.get("storage_retries", 0)),
         "uri": plan.root,
         "partition": snapshot.partition_uri(plan.root, plan.dt),
         "errors_uri": plan.errors_uri if failed else None,
@@ -698,6 +700,8 @@ def format_summary(summary: dict[str, Any]) -> str:
                      f"failed={s['failed']}")
     lines.append(f"  encoded {s['texts_encoded']} distinct texts and {s['images_encoded']} distinct images "
                  f"for {s['encoded']} rows; carried {s['carried']}")
+    if s.get("storage_retries"):
+        lines.append(f"  storage: {s['storage_retries']} S3 retries while fetching images (all absorbed)")
     if s["reasons"]:
         lines.append("  failures: " + ", ".join(f"{k}={v}" for k, v in s["reasons"].items())
                      + (f" (errors table: {s['errors_uri']})" if s.get("errors_uri") else ""))

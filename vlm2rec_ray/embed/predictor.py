@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -60,6 +61,7 @@ def sink_row_schema(dim: int) -> pa.Schema:
         ("failed_item_id", pa.string()),
         ("texts_encoded", pa.int32()),  # forwards this row triggered (0 when served by dedup/cache)
         ("images_encoded", pa.int32()),
+        ("storage_retries", pa.int32()),  # S3 retries of the fetch batch (see preprocess.ENCODE_ROW_SCHEMA)
     ])
 
 
@@ -328,6 +330,7 @@ class BatchEncoder:
             pa.array(cols["failed_item_id"], pa.string()),
             pa.array(n_text, pa.int32()),
             pa.array(n_image, pa.int32()),
+            batch.column("storage_retries") if "storage_retries" in batch.column_names else pa.nulls(n, pa.int32()),
         ], schema=sink_row_schema(self.dim))
 
 
@@ -350,7 +353,8 @@ def load_encoder(cfg: Any, gpus: float = 0.0) -> Any:
         backbone, processor = load_backbone(m.name, dtype=m.dtype, endpoint=endpoint, attn_implementation=m.attn_implementation,
                                             min_pixels=m.min_pixels, max_pixels=m.max_pixels)
     backbone.eval()
-    return VLM2RecEncoder(backbone, processor, max_history=m.max_history)
+    return VLM2RecEncoder(backbone, processor, max_history=m.max_history,
+                          max_title_chars=getattr(cfg, "max_title_chars", None))
 
 
 def _load_sharded(cfg: Any) -> tuple[Any, Any]:  # pragma: no cover - needs several GPUs
@@ -375,12 +379,15 @@ class EmbedPredictor:
     ...}, compute=ActorPoolStrategy(size=num_actors), num_gpus=gpus_per_actor)``."""
 
     def __init__(self, config: dict[str, Any], dim: int, gpus: float = 0.0, torch_threads: int | None = None,
-                 deterministic: bool = True) -> None:
+                 deterministic: bool = True, run_id: str | None = None) -> None:
         import torch
 
         from vlm2rec_ray.config import EmbedJobConfig
 
         cfg = EmbedJobConfig.model_validate(config)
+        self._exit_after = cfg.inject_actor_exit_after_batches  # testing only (see _maybe_exit)
+        self._run_id = run_id
+        self._batches = 0
         if torch_threads:
             torch.set_num_threads(torch_threads)  # fixed thread count: part of CPU determinism
         encoder = load_encoder(cfg, gpus)
@@ -391,7 +398,28 @@ class EmbedPredictor:
                                  fusion=cfg.model.fusion, cache_mib=cfg.cache_mib)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self._exit_after is not None:
+            self._maybe_exit()
         return self.core.embed_table(batch)
+
+    def _maybe_exit(self) -> None:
+        """Testing aid (``inject_actor_exit_after_batches``): before batch N+1 this actor process exits hard,
+        once per run (an ``O_EXCL`` marker file in the node's temp dir, keyed by the run id), so Ray Data must
+        restart the actor and retry the batch."""
+        import tempfile
+
+        self._batches += 1
+        if self._batches <= int(self._exit_after or 0):
+            return
+        marker = os.path.join(tempfile.gettempdir(), f"vlm2rec-embed-exit-{self._run_id or 'run'}")
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            self._exit_after = None  # already done in this run
+            return
+        log.warning("inject_actor_exit_after_batches=%s: exiting this actor (pid %d) on purpose", self._exit_after,
+                    os.getpid())
+        os._exit(1)
 
 
 __all__ = ["BatchEncoder", "EmbedPredictor", "load_encoder", "sink_row_schema"]

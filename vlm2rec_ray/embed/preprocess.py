@@ -43,6 +43,7 @@ ENCODE_ROW_SCHEMA = pa.schema([
     ("title", pa.string()),  # for the errors table: the (failing) item's title and image URI
     ("image_uri", pa.string()),
     ("failed_item_id", pa.string()),
+    ("storage_retries", pa.int32()),  # S3 retry attempts of this batch's image fetches, on its first row (else 0)
 ])
 
 # Rows of an incremental run's pass 1 (staged as Parquet, small: no pixels).
@@ -137,8 +138,12 @@ class _Row:
 
 def _finish(rows: list[_Row], opts: dict[str, Any], kind: str) -> pa.Table:
     """Fetch, hash, (decode,) and build the output table for validated rows."""
+    from vlm2rec_ray import storage
+
     mode = opts["mode"]
+    retries_before = storage.retry_attempts()  # a Ray task worker runs one task at a time: the delta is ours
     fetched = _fetch_many([u for r in rows if r.reason is None for (_, _, u) in r.items], opts)
+    retries = storage.retry_attempts() - retries_before
     digests = {u: incremental.image_digest(d) for u, (d, _) in fetched.items() if d is not None}
     for r in rows:
         if r.reason is not None:
@@ -202,7 +207,7 @@ def _finish(rows: list[_Row], opts: dict[str, Any], kind: str) -> pa.Table:
         ok = r.reason is None
         row: dict[str, Any] = {"key": r.key, "history": r.history, "status": "encode" if ok else "failed",
                                "change": change if ok else "", "in_prev": p, "content_hash": h,
-                               "reason": r.reason, "detail": r.detail}
+                               "reason": r.reason, "detail": r.detail, "storage_retries": 0 if out else retries}
         if ok:
             pix = [decoded[digests[u]][0] for _, _, u in r.items]
             row["titles"] = [t for _, t, _ in r.items]

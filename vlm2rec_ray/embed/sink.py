@@ -179,6 +179,8 @@ class SnapshotSink(Datasink):
                 counts["in_prev"] += int(pc.sum(pc.cast(t.column("in_prev"), pa.int64())).as_py() or 0)
                 counts["texts_encoded"] += int(pc.sum(t.column("texts_encoded")).as_py() or 0)
                 counts["images_encoded"] += int(pc.sum(t.column("images_encoded")).as_py() or 0)
+                if "storage_retries" in t.column_names:
+                    counts["storage_retries"] += int(pc.sum(t.column("storage_retries")).as_py() or 0)
                 for k, v in zip(*_value_counts(bad.column("reason")), strict=True):
                     reasons[k or "unknown"] += v
             files = []
