@@ -122,6 +122,12 @@ def publish_manifest(root: str, dt: str, manifest: dict[str, Any], *, endpoint: 
     The manifest must name files under ``run=<manifest['run_id']>/`` of this partition; they must already be
     complete, since readers follow the manifest as soon as it is written.
     """
+    part = partition_uri(root, dt)
+    for f in manifest.get("files", []):
+        # A newer run of this dt may have published meanwhile and removed this (then abandoned-looking) run.
+        if not storage.exists(storage.join(part, f["path"]), endpoint=endpoint):
+            raise FileNotFoundError(f"{f['path']} of run {manifest['run_id']} is gone (a newer run of dt={dt} "
+                                    "published and removed it?); nothing published by this run; re-run the job")
     old = read_manifest(root, dt, endpoint=endpoint)
     body = json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n"
     storage.write_text(manifest_uri(root, dt), body, endpoint=endpoint)
@@ -129,6 +135,11 @@ def publish_manifest(root: str, dt: str, manifest: dict[str, Any], *, endpoint: 
         storage.delete_prefix(run_uri(root, dt, old["run_id"]), endpoint=endpoint)
     for run_id in _failed_runs(root, dt, endpoint=endpoint):
         if run_id != manifest["run_id"]:
+            storage.delete_prefix(run_uri(root, dt, run_id), endpoint=endpoint)
+    # Runs that started before this one and never published nor marked themselves failed: a driver killed
+    # mid-run (SIGKILL, node loss). Their part files would show up in a plain directory scan of the partition.
+    for run_id in _run_ids(root, dt, endpoint=endpoint):
+        if run_id < manifest["run_id"]:
             storage.delete_prefix(run_uri(root, dt, run_id), endpoint=endpoint)
     return old
 
@@ -140,6 +151,20 @@ def mark_run_failed(root: str, dt: str, run_id: str, info: dict[str, Any], *, en
     storage.write_text(uri, json.dumps({"state": "failed", **info}, indent=2, sort_keys=True, default=str) + "\n",
                        endpoint=endpoint)
     return uri
+
+
+def _run_ids(root: str, dt: str, *, endpoint: str | None) -> list[str]:
+    """Ids of every ``run=<id>/`` holding files in the partition of ``dt``."""
+    part = partition_uri(root, dt)
+    if not storage.exists(part, endpoint=endpoint):
+        return []
+    base = _abs_root(part) + "/"
+    out = set()
+    for f in storage.list_uris(part, endpoint=endpoint):
+        first = (f[len(base):] if f.startswith(base) else f).split("/", 1)[0]
+        if first.startswith("run="):
+            out.add(first[4:])
+    return sorted(out)
 
 
 def _failed_runs(root: str, dt: str, *, endpoint: str | None) -> list[str]:
