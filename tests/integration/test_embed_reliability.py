@@ -118,8 +118,10 @@ def test_driver_killed_then_same_day_rerun(local_ds: Path, ray_local: Any, tiny_
             "model_version=v1", "progress=false", f"dt={DT}", f"dataset_uri={local_ds}", f"output_uri={out}",
             "batch_size=2", "preprocess_batch_size=4", "rows_per_file=4"]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "embed_items.py"), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = tmp_path / "killed_driver.log"  # a file, not a pipe: a full pipe would stall the driver
+    with log.open("wb") as fh:
+        proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "embed_items.py"), *args], env=env,
+                                stdout=fh, stderr=subprocess.STDOUT)
     parts: list[Path] = []
     try:
         deadline = time.time() + 90
@@ -134,7 +136,7 @@ def test_driver_killed_then_same_day_rerun(local_ds: Path, ray_local: Any, tiny_
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, proc.stdout.read().decode()[-2000:] if proc.stdout else ""
+    assert proc.returncode == -signal.SIGKILL, log.read_text(errors="replace")[-2000:]
     assert not (part / "_manifest.json").exists()
     with pytest.raises(FileNotFoundError):
         read_embeddings(str(out / "items"))  # the partial run is invisible
