@@ -350,6 +350,7 @@ def plan_run(cfg: EmbedJobConfig, kind: str) -> RunPlan:
     dim = embedding_dim(cfg)
     gpus = cfg.gpus_per_actor
     if gpus is None:
+        ensure_ray()  # the default needs the cluster's resources
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     threads = None if gpus > 0 else max(1, int(cfg.cpus_per_actor))
     row_bytes = 3 * 4 * dim + 200
@@ -530,12 +531,12 @@ def _run(cfg: EmbedJobConfig, kind: str, progress: Callable[[str], None] | None)
     say = progress or (lambda _m: None)
     started = time.perf_counter()
     cfg = resolve_paths(cfg)
+    plan = plan_run(cfg, kind)  # inputs and model checked before Ray starts: a bad URI fails in seconds
     ensure_ray()
     ctx = ray.data.DataContext.get_current()
     saved_bars = ctx.enable_progress_bars
     ctx.enable_progress_bars = cfg.progress
     try:
-        plan = plan_run(cfg, kind)
         say(f"embed {kind}: {plan.source_uri} -> {snapshot.partition_uri(plan.root, plan.dt)} (run {plan.run_id}, "
             f"d={plan.dim}, {cfg.num_actors} actor(s) x {plan.gpus:g} GPU)")
         # The census (rows, duplicate keys; reads only the key column) runs beside the pipeline.
