@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["gather_with_grad", "is_distributed"]
+__all__ = ["gather_parts", "gather_with_grad", "is_distributed"]
 
 
 def is_distributed() -> bool:
@@ -45,7 +45,21 @@ def gather_with_grad(x: Tensor, *, local_first: bool = False) -> Tensor:
     """
     if not is_distributed():
         return x
-    world, rank = dist.get_world_size(), dist.get_rank()
+    rank = dist.get_rank()
+    parts, _ = gather_parts(x)
+    parts[rank] = x  # the local slice keeps its autograd graph
+    if local_first:
+        parts = [parts[rank], *parts[:rank], *parts[rank + 1:]]
+    return torch.cat(parts)
+
+
+def gather_parts(x: Tensor) -> tuple[list[Tensor], list[int]]:
+    """Every worker's ``x`` (detached), in rank order, and their sizes along dim 0.
+
+    Batch sizes may differ (the last batch of an epoch): sizes are exchanged first and slices padded to the
+    largest for the all-gather, then cut back. A collective: every worker must call it.
+    """
+    world = dist.get_world_size()
     size = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
     sizes_t = [torch.zeros_like(size) for _ in range(world)]
     dist.all_gather(sizes_t, size)
@@ -53,12 +67,7 @@ def gather_with_grad(x: Tensor, *, local_first: bool = False) -> Tensor:
     max_b = max(sizes)
     local = x.detach().contiguous()
     if local.shape[0] < max_b:
-        pad = local.new_zeros((max_b - local.shape[0], *local.shape[1:]))
-        local = torch.cat([local, pad])
+        local = torch.cat([local, local.new_zeros((max_b - local.shape[0], *local.shape[1:]))])
     buffers = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(buffers, local)
-    parts = [buf[:n] for buf, n in zip(buffers, sizes, strict=True)]
-    parts[rank] = x  # the local slice keeps its autograd graph
-    if local_first:
-        parts = [parts[rank], *parts[:rank], *parts[rank + 1:]]
-    return torch.cat(parts)
+    return [buf[:n] for buf, n in zip(buffers, sizes, strict=True)], sizes

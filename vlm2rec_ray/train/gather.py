@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from vlm2rec_ray.objectives import is_distributed
+from vlm2rec_ray.objectives.distributed import gather_parts
 
 __all__ = ["all_gather_full_grad"]
 
@@ -31,17 +32,7 @@ class _AllGatherFullGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, local_first: bool) -> Tensor:  # type: ignore[override]
         world, rank = dist.get_world_size(), dist.get_rank()
-        size = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
-        sizes_t = [torch.zeros_like(size) for _ in range(world)]
-        dist.all_gather(sizes_t, size)
-        sizes = [int(s.item()) for s in sizes_t]
-        max_b = max(sizes)
-        local = x.detach().contiguous()
-        if local.shape[0] < max_b:  # unequal batches: pad to the largest, cut after
-            local = torch.cat([local, local.new_zeros((max_b - local.shape[0], *local.shape[1:]))])
-        buffers = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(buffers, local)
-        parts = [buf[:n] for buf, n in zip(buffers, sizes, strict=True)]
+        parts, sizes = gather_parts(x)
         order = [rank, *range(rank), *range(rank + 1, world)] if local_first else list(range(world))
         starts, offset = {}, 0
         for r in order:
