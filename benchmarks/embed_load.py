@@ -32,7 +32,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -65,7 +64,7 @@ def make_catalog(root: Path, n: int, distinct_images: int, image_size: int) -> P
 
 
 def child(args: argparse.Namespace) -> dict:
-    from embed_pipeline import _session_pss, model_dir
+    from embed_pipeline import model_dir, peak_memory
 
     from vlm2rec_ray.config import EmbedJobConfig, load_config
     from vlm2rec_ray.embed.pipeline import run_embed_items
@@ -77,25 +76,10 @@ def child(args: argparse.Namespace) -> dict:
         f"preprocess_batch_size={args.preprocess_batch_size}", "model.min_pixels=3136", "model.max_pixels=3136",
         *args.set])
     init_local_ray(num_cpus=os.cpu_count())
-    peaks: dict = {"tree_pss_mib": 0.0, "driver_rss_mib": 0.0, "by_process_at_peak": {}}
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            rss, pss, groups = _session_pss(os.getpid())
-            peaks["driver_rss_mib"] = max(peaks["driver_rss_mib"], rss)
-            if pss > peaks["tree_pss_mib"]:
-                peaks["tree_pss_mib"] = pss
-                peaks["by_process_at_peak"] = {k: round(v) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])}
-            stop.wait(0.25)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    t0 = time.perf_counter()
-    s = run_embed_items(cfg)
-    wall = time.perf_counter() - t0
-    stop.set()
-    t.join()
+    with peak_memory(digits=None) as peaks:
+        t0 = time.perf_counter()
+        s = run_embed_items(cfg)
+        wall = time.perf_counter() - t0
     return {"items": args.items, "ok": s["ok"], "failed": s["failed"], "wall_s": round(wall, 1),
             "items_per_s": round(s["input_rows"] / wall, 1), "tree_pss_mib": round(peaks["tree_pss_mib"], 1),
             "driver_rss_mib": round(peaks["driver_rss_mib"], 1), "by_process_at_peak": peaks["by_process_at_peak"],

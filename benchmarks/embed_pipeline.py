@@ -29,6 +29,7 @@ writer and the moto server share the other, so the figures there measure that bo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import operator
@@ -40,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -274,6 +276,33 @@ def _session_pss(root_pid: int) -> tuple[float, float, dict[str, float]]:
     return me.memory_info().rss / 2**20, total, groups
 
 
+@contextlib.contextmanager
+def peak_memory(*, digits: int | None = 1, every_s: float = 0.25) -> Iterator[dict]:
+    """Sample :func:`_session_pss` every ``every_s`` seconds while the block runs; the yielded dict holds the
+    peaks when it exits: ``driver_rss_mib``, ``tree_pss_mib`` and ``by_process_at_peak`` (MiB, rounded to
+    ``digits``; None = whole MiB as int)."""
+    peaks: dict = {"driver_rss_mib": 0.0, "tree_pss_mib": 0.0, "by_process_at_peak": {}}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            rss, pss, groups = _session_pss(os.getpid())
+            peaks["driver_rss_mib"] = max(peaks["driver_rss_mib"], rss)
+            if pss > peaks["tree_pss_mib"]:
+                peaks["tree_pss_mib"] = pss
+                peaks["by_process_at_peak"] = {k: round(v, digits) for k, v in
+                                               sorted(groups.items(), key=lambda kv: -kv[1])}
+            stop.wait(every_s)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        yield peaks
+    finally:
+        stop.set()
+        t.join()
+
+
 def memory_child(args: argparse.Namespace) -> dict:
     """One catalog size, in a fresh process: start Ray, run the pipeline, sample memory every 0.25 s."""
     from vlm2rec_ray.embed.pipeline import run_embed_items
@@ -282,25 +311,11 @@ def memory_child(args: argparse.Namespace) -> dict:
     cfg = embed_config(args.model or model_dir(args.model_size or "tiny"), args.catalog,
                        f"s3://bench-catalog/emb{args.items}", args.endpoint, [f"batch_size={args.batch_size}", *args.set])
     init_local_ray(num_cpus=os.cpu_count())
-    peaks: dict = {"driver_rss_mib": 0.0, "ray_pss_mib": 0.0, "by_process_at_peak": {}}
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            rss, pss, groups = _session_pss(os.getpid())
-            peaks["driver_rss_mib"] = max(peaks["driver_rss_mib"], rss)
-            if pss > peaks["ray_pss_mib"]:
-                peaks["ray_pss_mib"] = pss
-                peaks["by_process_at_peak"] = {k: round(v, 1) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])}
-            stop.wait(0.25)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    t0 = time.perf_counter()
-    summary = run_embed_items(cfg)
-    wall = time.perf_counter() - t0
-    stop.set()
-    t.join()
+    with peak_memory(digits=1) as peaks:
+        t0 = time.perf_counter()
+        summary = run_embed_items(cfg)
+        wall = time.perf_counter() - t0
+    peaks["ray_pss_mib"] = peaks.pop("tree_pss_mib")
     peaks["driver_maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"items": args.items, "ok": summary["ok"], "wall_s": round(wall, 1),
             **{k: (round(v, 1) if isinstance(v, float) else v) for k, v in peaks.items()}}
