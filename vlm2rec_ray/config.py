@@ -201,6 +201,15 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         raise ConfigError(_format_validation(cls, e, source)) from None
 
 
+def _check_output_uri(v: str, *, example: str) -> str:
+    """A job's ``output_uri``: non-empty, and an s3:// URI names a bucket."""
+    if not v.strip():
+        raise ValueError(f"output_uri is empty; give a local dir or s3:// prefix, e.g. output_uri={example}")
+    if v.startswith("s3://") and len(v[5:].split("/", 1)[0]) < 3:
+        raise ValueError(f"output_uri={v!r} has no valid bucket; write s3://<bucket>/<prefix>")
+    return v
+
+
 def config_hash(cfg: BaseModel) -> str:
     """A stable short hash of a config's values (recorded in manifests and model cards)."""
     blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, default=str)
@@ -364,11 +373,7 @@ class EmbedJobConfig(_Part):
     @field_validator("output_uri")
     @classmethod
     def _output_uri(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("output_uri is empty; give a local dir or s3:// prefix, e.g. output_uri=s3://bucket/emb")
-        if v.startswith("s3://") and len(v[5:].split("/", 1)[0]) < 3:
-            raise ValueError(f"output_uri={v!r} has no valid bucket; write s3://<bucket>/<prefix>")
-        return v
+        return _check_output_uri(v, example="s3://bucket/emb")
 
     @field_validator("dt")
     @classmethod
@@ -529,11 +534,7 @@ class TrainJobConfig(_Part):
     @field_validator("output_uri")
     @classmethod
     def _output_uri(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("output_uri is empty; give a local dir or s3:// prefix, e.g. output_uri=s3://bucket/models/x")
-        if v.startswith("s3://") and len(v[5:].split("/", 1)[0]) < 3:
-            raise ValueError(f"output_uri={v!r} has no valid bucket; write s3://<bucket>/<prefix>")
-        return v
+        return _check_output_uri(v, example="s3://bucket/models/x")
 
     @field_validator("run_name")
     @classmethod
