@@ -27,6 +27,7 @@ from vlm2rec_ray.config import (
     EmbedJobConfig,
     EvalJobConfig,
     TrainJobConfig,
+    _merge,
     _Part,
     config_hash,
 )
@@ -93,13 +94,6 @@ def _is_trained(name: str) -> bool:
     from vlm2rec_ray.eval.baselines import load_baseline
 
     return bool(load_baseline(name)["baseline"]["trained"])
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def _baseline_tree(name: str) -> dict[str, Any]:
