@@ -174,11 +174,6 @@ class _State:
         storage.write_text(self.uri, json.dumps(self.done, indent=1, sort_keys=True) + "\n", endpoint=self.endpoint)
 
 
-def _upload_dir(local: Path, uri: str, endpoint: str | None) -> None:
-    for f in sorted(p for p in local.rglob("*") if p.is_file()):
-        storage.write_bytes(storage.join(uri, str(f.relative_to(local))), f.read_bytes(), endpoint=endpoint)
-
-
 def run_demo(cfg: DemoConfig, *, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo; returns ``{"report": html uri, "table": str, "runs": {name: eval result}, "wall_s"}``."""
     from vlm2rec_ray.data.synthetic import generate_synthetic
@@ -210,7 +205,7 @@ def run_demo(cfg: DemoConfig, *, progress: Callable[[str], None] = print) -> dic
         if storage.is_s3(cfg.store):
             local = build_dir() / "demo_backbone"
             build_tiny_backbone(local, seed=0)
-            _upload_dir(local, backbone_uri(cfg), endpoint)
+            storage.upload_dir(local, backbone_uri(cfg), endpoint=endpoint)
         else:
             build_tiny_backbone(storage.resolve_local(backbone_uri(cfg)), seed=0)
         state.mark("backbone", "seed0")
