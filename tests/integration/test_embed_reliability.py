@@ -229,7 +229,7 @@ def test_hostile_rows_embedded_or_errors_with_reason(local_ds: Path, ray_local: 
 
 def test_bad_catalogs_name_the_column_and_the_id(local_ds: Path, ray_local: Any, tiny_backbone_dir: Path,
                                                  tmp_path: Path) -> None:
-    from vlm2rec_ray.embed import EmbedFailureError, run_embed_items
+    from vlm2rec_ray.embed import run_embed_items
 
     base = pq.read_table(local_ds / "catalog.parquet").slice(0, 8)
     base = base.set_column(2, "image_uri", pa.array([str(local_ds / u) for u in base.column("image_uri").to_pylist()]))
@@ -240,10 +240,11 @@ def test_bad_catalogs_name_the_column_and_the_id(local_ds: Path, ray_local: Any,
     dup_id = base.column("item_id")[3].as_py()
     dup = tmp_path / "dup.parquet"
     pq.write_table(pa.concat_tables([base, base.slice(3, 1)]), dup)
-    with pytest.raises(EmbedFailureError, match=rf"1 duplicate item_id value\(s\), e\.g\. \['{dup_id}'\]") as e2:
+    with pytest.raises(ValueError, match=rf"1 duplicate item_id value\(s\), e\.g\. \['{dup_id}'\].*nothing was "
+                       "embedded") as e2:
         run_embed_items(_cfg(tiny_backbone_dir, f"catalog_uri={dup}", f"output_uri={tmp_path / 'o2'}"))
     print(f"\nmissing column: {e1.value}\nduplicate id: {e2.value}")
-    assert not (tmp_path / "o2" / "items" / f"dt={DT}" / "_manifest.json").exists()
+    assert not (tmp_path / "o2").exists()  # refused before the pipeline started: nothing written at all
 
 
 @pytest.mark.parametrize(("override", "expect"), [

@@ -539,10 +539,22 @@ def _run(cfg: EmbedJobConfig, kind: str, progress: Callable[[str], None] | None)
     try:
         say(f"embed {kind}: {plan.source_uri} -> {snapshot.partition_uri(plan.root, plan.dt)} (run {plan.run_id}, "
             f"d={plan.dim}, {cfg.num_actors} actor(s) x {plan.gpus:g} GPU)")
-        # The census (rows, duplicate keys; reads only the key column) runs beside the pipeline.
+        # The census (rows, blank and duplicate keys; reads only the key column) runs first: a catalog with
+        # duplicate ids fails before any image is fetched or any model time is spent.
         census_ref = ray.remote(num_cpus=0.25)(_census).remote(plan.files, plan.fmt, kind, plan.endpoint)
         if kind == "sequences":
             plan.catalog_ref = ray.remote(num_cpus=0.25)(_catalog_lookup).remote(plan.catalog_files, plan.endpoint)
+        try:
+            census = ray.get(census_ref)
+        except BaseException as e:
+            root = _user_error(e)
+            if root is not e:  # a ValueError raised in a Ray task reaches here wrapped; show the cause
+                raise root from e
+            raise
+        if census["duplicates"]:
+            raise ValueError(f"{plan.source_uri} has {census['duplicates']} duplicate {KEY_COLUMN[kind]} value(s), "
+                             f"e.g. {census['duplicate_examples']}; each row needs a unique {KEY_COLUMN[kind]} "
+                             "(deduplicate the input); nothing was embedded")
         sink = SnapshotSink(kind=kind, run_uri=plan.run_uri, errors_uri=plan.errors_uri, dim=plan.dim,
                             model_id=cfg.model.name, model_version=cfg.model_version, endpoint=plan.endpoint,
                             rows_per_file=plan.rows_per_file)
@@ -553,7 +565,6 @@ def _run(cfg: EmbedJobConfig, kind: str, progress: Callable[[str], None] | None)
                 scan = _incremental(plan, sink, write_args, say)
             else:
                 _write(build_item_pipeline(plan), sink, write_args)
-            census = ray.get(census_ref)
         except BaseException as e:
             root = _user_error(e)
             _abandon(plan, f"{type(root).__name__}: {root}")
@@ -564,9 +575,6 @@ def _run(cfg: EmbedJobConfig, kind: str, progress: Callable[[str], None] | None)
         res = sink.result or {"counts": {}, "reasons": {}, "files": []}
         summary = _summarize(plan, census, res, scan, started)
         problem = _check_counts(plan, census, res, scan)
-        if census["duplicates"]:
-            problem = (f"{plan.source_uri} has {census['duplicates']} duplicate {KEY_COLUMN[kind]} value(s), e.g. "
-                       f"{census['duplicate_examples']}; each row needs a unique {KEY_COLUMN[kind]} (deduplicate the input)")
         if problem is None and summary["failure_fraction"] > cfg.max_failure_fraction:
             reasons = ", ".join(f"{k}={v}" for k, v in summary["reasons"].items())
             problem = (f"{summary['failed']} of {summary['input_rows']} rows failed "
