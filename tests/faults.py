@@ -63,7 +63,8 @@ class FaultProxy:
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(msg)))
                     self.end_headers()
-                    self.wfile.write(msg)
+                    if self.command != "HEAD":  # a HEAD answer has no body: bytes left over would be read
+                        self.wfile.write(msg)  # as the next answer on this keep-alive connection
                     return
                 if fate == "slow":
                     time.sleep(proxy.plan.slow_s)

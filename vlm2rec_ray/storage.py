@@ -5,15 +5,24 @@ the S3 endpoint comes from an explicit ``endpoint_url`` (config) or the standard
 environment variable, credentials from boto3's standard chain (env, profile, instance role). Nothing in
 this module ever logs a credential.
 
-- boto3 clients use adaptive retries and bounded connect/read timeouts, and are cached per process.
-- :func:`pyarrow_filesystem` returns a ``pyarrow.fs`` filesystem plus path for Parquet I/O (Ray Data).
+- boto3 clients use adaptive retries and bounded connect/read timeouts, and are cached per process. Every
+  retry any of them makes is counted (:func:`retry_attempts`), whatever the call (GET, PUT, HEAD, list,
+  multipart, s3transfer's downloads/uploads).
+- Parquet goes through those clients too, so its retries are counted as well: :func:`open_input_file` is a
+  seekable file over ranged GETs that ``pyarrow.parquet.ParquetFile`` reads, :func:`put_file` uploads a
+  local (spool) file in one PUT or a multipart upload; :func:`read_parquet` / :func:`write_parquet` use them.
+- :func:`pyarrow_filesystem` returns a ``pyarrow.fs`` filesystem plus path for callers that need one (Ray
+  Train's storage, directory reads); pyarrow's own S3 client retries invisibly, so the embed job avoids it.
 - Local paths may be confined to a root: :func:`resolve_local` rejects anything escaping it (``..``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,8 +36,12 @@ if TYPE_CHECKING:
 S3_SCHEME = "s3://"
 _CLIENTS: dict[tuple[str | None, int, float], Any] = {}
 _CLIENTS_LOCK = threading.Lock()
-_RETRIES = [0]  # boto3 retry attempts of read_bytes in this process (see retry_attempts)
+_RETRIES = [0]  # retry attempts of this module's boto3 clients in this process (see retry_attempts)
 _RETRIES_LOCK = threading.Lock()
+MIN_PART_BYTES = 5 << 20  # S3's smallest multipart part (all but the last)
+PART_BYTES = 64 << 20  # put_file: one PUT up to this size, else multipart parts of this size
+READ_BLOCK_BYTES = 1 << 20  # open_input_file: the least a ranged GET fetches (a small object: all of it)
+_BODY_ATTEMPTS = 3  # ranged GETs whose body breaks off mid-stream are sent again (each counted as a retry)
 
 
 class StorageError(RuntimeError):
@@ -117,8 +130,22 @@ def s3_client(endpoint: str | None = None, max_attempts: int = 8, timeout_s: flo
             )
             region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
             client = boto3.session.Session().client("s3", endpoint_url=ep, config=cfg, region_name=region)
+            client.meta.events.register("request-created.s3", _count_retry, unique_id="vlm2rec-count-retries")
             _CLIENTS[cache_key] = client
     return client
+
+
+def _count_retry(request: Any, **_: Any) -> None:
+    """botocore builds a new request for every attempt of a call; ``context['retries']['attempt']`` (what it
+    also sends as the ``amz-sdk-request`` header) is 2 or more for a retry."""
+    attempt = ((getattr(request, "context", None) or {}).get("retries") or {}).get("attempt") or 1
+    if attempt > 1:
+        _add_retries(1)
+
+
+def _add_retries(n: int) -> None:
+    with _RETRIES_LOCK:
+        _RETRIES[0] += n
 
 
 def _s3_error(uri: str, exc: Exception) -> StorageError:
@@ -134,17 +161,12 @@ def _s3_error(uri: str, exc: Exception) -> StorageError:
 
 
 def retry_attempts() -> int:
-    """S3 retry attempts (``ResponseMetadata.RetryAttempts``: 5xx, throttling, dropped connections) made by
-    :func:`read_bytes` in this process so far, failed reads included. Callers take the difference around a
-    piece of work (the embed pipeline does, per fetch batch, and reports the total as ``storage_retries``)."""
+    """S3 retries made in this process so far by the boto3 clients of :func:`s3_client`: every attempt after
+    the first of any call (5xx, throttling, dropped connections, timeouts; what ``ResponseMetadata.
+    RetryAttempts`` reports per call, calls that failed in the end included), plus ranged GETs of
+    :func:`open_input_file` sent again because their body broke off. Callers take the difference around a
+    piece of work; the embed job adds up those of its driver, tasks and actors as ``storage_retries``."""
     return _RETRIES[0]
-
-
-def _count_retries(meta: Any) -> None:
-    n = int((meta or {}).get("RetryAttempts") or 0) if isinstance(meta, dict) else 0
-    if n:
-        with _RETRIES_LOCK:
-            _RETRIES[0] += n
 
 
 def read_bytes(uri: str, *, endpoint: str | None = None, root: str | None = None, max_bytes: int | None = None) -> bytes:
@@ -161,7 +183,6 @@ def read_bytes(uri: str, *, endpoint: str | None = None, root: str | None = None
         try:
             # One GET: the size check uses the response's Content-Length before the body is read.
             resp = client.get_object(Bucket=loc.bucket, Key=loc.key)
-            _count_retries(resp.get("ResponseMetadata"))
             size = int(resp.get("ContentLength", -1))
             if max_bytes is not None and size > max_bytes:
                 resp["Body"].close()
@@ -170,8 +191,6 @@ def read_bytes(uri: str, *, endpoint: str | None = None, root: str | None = None
         except StorageError:
             raise
         except Exception as e:
-            resp_ = getattr(e, "response", None)
-            _count_retries(resp_.get("ResponseMetadata") if isinstance(resp_, dict) else None)
             raise _s3_error(uri, e) from e
         if max_bytes is not None and len(data) > max_bytes:
             raise StorageError(f"{uri} is over the cap of {max_bytes} bytes", "too_large")
@@ -395,33 +414,244 @@ def write_text(uri: str, text: str, *, endpoint: str | None = None) -> None:
     write_bytes(uri, text.encode("utf-8"), endpoint=endpoint)
 
 
+class _RangedS3Object(io.RawIOBase):
+    """A seekable, read-only view of one S3 object for ``pyarrow.PythonFile``: a read outside the last fetched
+    range is one ranged GET of at least ``block`` bytes (an object up to ``block`` bytes is fetched whole),
+    made with this module's client, so its retries are counted. ``If-Match`` pins the version seen at open:
+    an object replaced while it is read fails the read instead of mixing two versions."""
+
+    def __init__(self, uri: str, client: Any, loc: S3Location, size: int, etag: str | None, block: int) -> None:
+        super().__init__()
+        self.uri, self._client, self._loc = uri, client, loc
+        self.size, self._etag, self._block = size, etag, max(1, block)
+        self._pos = 0
+        self._buf = b""
+        self._buf_start = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}.get(whence)
+        if base is None:
+            raise ValueError(f"invalid whence {whence}")
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset} in {self.uri}")
+        self._pos = base + offset
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.closed:
+            raise ValueError(f"read from closed file {self.uri}")
+        start = self._pos
+        end = self.size if size is None or size < 0 else min(self.size, start + size)
+        if end <= start:
+            return b""
+        if not (self._buf_start <= start and end <= self._buf_start + len(self._buf)):
+            if self.size <= self._block:
+                lo, hi = 0, self.size
+            else:
+                lo, hi = start, max(end, min(self.size, start + self._block))
+            self._buf, self._buf_start = self._get(lo, hi), lo
+        self._pos = end
+        return self._buf[start - self._buf_start:end - self._buf_start]
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._buf = b""
+        super().close()
+
+    def _get(self, lo: int, hi: int) -> bytes:
+        from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+
+        kwargs: dict[str, Any] = {"Bucket": self._loc.bucket, "Key": self._loc.key, "Range": f"bytes={lo}-{hi - 1}"}
+        if self._etag:
+            kwargs["IfMatch"] = self._etag
+        for attempt in range(1, _BODY_ATTEMPTS + 1):
+            try:
+                resp = self._client.get_object(**kwargs)
+            except Exception as e:
+                raise _s3_error(self.uri, e) from e
+            try:
+                data = resp["Body"].read()
+            except (IncompleteReadError, ReadTimeoutError, ResponseStreamingError) as e:
+                if attempt == _BODY_ATTEMPTS:
+                    raise StorageError(f"reading bytes {lo}-{hi - 1} of {self.uri} failed {attempt} times: {e}",
+                                       reason="io_error") from e
+                _add_retries(1)  # botocore does not resend a request whose body broke off; we do
+                continue
+            if len(data) != hi - lo:
+                raise StorageError(f"{self.uri}: asked for bytes {lo}-{hi - 1}, got {len(data)} bytes (the object "
+                                   "changed while it was read?)", reason="io_error")
+            return data
+        raise AssertionError("unreachable")
+
+
+def open_input_file(uri: str, *, endpoint: str | None = None, block_size: int = READ_BLOCK_BYTES) -> pyarrow.NativeFile:
+    """A random-access file over an object or local file, for ``pyarrow.parquet.ParquetFile`` (use it as a
+    context manager). On S3 it is a ``pyarrow.PythonFile`` over ranged GETs of this module's client (one HEAD
+    at open; reads fetch at least ``block_size`` bytes), so their retries are counted, see
+    :func:`retry_attempts`; locally a ``pyarrow.OSFile``.
+
+    Raises:
+        StorageError: reason ``missing`` (nothing there, or a bucket/prefix/directory), ``denied`` or
+            ``io_error``; later reads raise ``StorageError`` too.
+    """
+    import pyarrow as pa
+
+    if is_s3(uri):
+        loc = parse_s3(uri)
+        if not loc.key or loc.key.endswith("/"):
+            raise StorageError(f"{uri} names a bucket or prefix, not an object", reason="missing")
+        client = s3_client(endpoint)
+        try:
+            head = client.head_object(Bucket=loc.bucket, Key=loc.key)
+        except Exception as e:
+            raise _s3_error(uri, e) from e
+        obj = _RangedS3Object(uri, client, loc, int(head["ContentLength"]), head.get("ETag"), block_size)
+        return pa.PythonFile(obj, mode="r")
+    path = resolve_local(uri)
+    if path.is_dir():
+        raise StorageError(f"expected a file, got a directory: {path}", reason="missing")
+    try:
+        return pa.OSFile(str(path), "rb")
+    except FileNotFoundError as e:
+        raise StorageError(f"file not found: {path}", reason="missing") from e
+    except PermissionError as e:
+        raise StorageError(f"permission denied: {path}", reason="denied") from e
+    except OSError as e:
+        raise StorageError(f"opening {path} failed: {e}", reason="io_error") from e
+
+
+def put_file(path: str | os.PathLike[str], uri: str, *, endpoint: str | None = None, part_size: int = PART_BYTES) -> int:
+    """Copy a local file to ``uri``; returns its size in bytes. On S3 one PUT when it is at most ``part_size``
+    bytes, else a multipart upload of ``part_size`` parts (aborted if anything fails), with this module's
+    client (retries counted); locally a copy under a temporary name, then a rename. Either way the
+    destination appears only complete.
+
+    Raises:
+        ValueError: ``part_size`` below S3's 5 MiB minimum.
+        StorageError: the upload failed (reason ``denied``, ``missing`` for a missing bucket, ``io_error``).
+    """
+    if part_size < MIN_PART_BYTES:
+        raise ValueError(f"part_size={part_size} is below S3's minimum part size {MIN_PART_BYTES} (5 MiB)")
+    size = os.path.getsize(path)
+    if not is_s3(uri):
+        dest = resolve_local(uri)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        try:
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return size
+    loc = parse_s3(uri)
+    client = s3_client(endpoint)
+    if size <= part_size:
+        try:
+            with open(path, "rb") as fh:  # botocore rewinds the file for a retry
+                client.put_object(Bucket=loc.bucket, Key=loc.key, Body=fh)
+        except Exception as e:
+            raise _s3_error(uri, e) from e
+        return size
+    try:
+        upload_id = client.create_multipart_upload(Bucket=loc.bucket, Key=loc.key)["UploadId"]
+    except Exception as e:
+        raise _s3_error(uri, e) from e
+    try:
+        parts = []
+        with open(path, "rb") as fh:
+            while chunk := fh.read(part_size):
+                n = len(parts) + 1
+                resp = client.upload_part(Bucket=loc.bucket, Key=loc.key, UploadId=upload_id, PartNumber=n, Body=chunk)
+                parts.append({"ETag": resp["ETag"], "PartNumber": n})
+        client.complete_multipart_upload(Bucket=loc.bucket, Key=loc.key, UploadId=upload_id,
+                                         MultipartUpload={"Parts": parts})
+    except BaseException as e:
+        with contextlib.suppress(Exception):
+            client.abort_multipart_upload(Bucket=loc.bucket, Key=loc.key, UploadId=upload_id)
+        if isinstance(e, Exception):
+            raise _s3_error(uri, e) from e
+        raise
+    return size
+
+
+@contextlib.contextmanager
+def spool_file(suffix: str = "") -> Iterator[str]:
+    """A path for a temporary local file (under ``tempfile.gettempdir()``), removed on exit: where an S3
+    write is built before :func:`put_file` uploads it."""
+    fd, name = tempfile.mkstemp(prefix="vlm2rec-spool-", suffix=suffix)
+    os.close(fd)
+    try:
+        yield name
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
+
+
 def read_parquet(uri: str, *, endpoint: str | None = None, columns: list[str] | None = None) -> pyarrow.Table:
     """Read a Parquet file (or a directory/prefix of Parquet files) from a local path or s3://.
 
+    A single file or object is read through :func:`open_input_file` (S3 retries counted); a directory or
+    prefix goes through pyarrow's dataset discovery (hive partitions included) and its own S3 client.
+
     Raises:
-        StorageError: reason ``missing`` when nothing is there.
+        StorageError: reason ``missing`` when nothing is there, ``io_error`` when reading failed.
     """
     import pyarrow.parquet as pq
 
+    missing = StorageError(f"no Parquet data at {uri}; check the path and the endpoint", reason="missing")
+    local_dir = not is_s3(uri) and resolve_local(uri).is_dir()
+    if not local_dir:
+        try:
+            with open_input_file(uri, endpoint=endpoint) as f:
+                return pq.ParquetFile(f).read(columns=columns)
+        except StorageError as e:
+            if e.reason != "missing":
+                raise
+            if not is_s3(uri) or not exists(uri, endpoint=endpoint):
+                raise missing from e
+        except OSError as e:
+            raise StorageError(f"reading Parquet {uri} failed: {redact(str(e))}", reason="io_error") from e
     fs, path = pyarrow_filesystem(uri, endpoint=endpoint)
     try:
         return pq.read_table(path, filesystem=fs, columns=columns)
     except FileNotFoundError as e:
-        raise StorageError(f"no Parquet data at {uri}; check the path and the endpoint", reason="missing") from e
+        raise missing from e
     except OSError as e:
         msg = str(e)
         if "NoSuchKey" in msg or "does not exist" in msg.lower() or "Path does not exist" in msg:
-            raise StorageError(f"no Parquet data at {uri}; check the path and the endpoint", "missing") from e
+            raise missing from e
         raise StorageError(f"reading Parquet {uri} failed: {redact(msg)}", reason="io_error") from e
 
 
 def write_parquet(table: pyarrow.Table, uri: str, *, endpoint: str | None = None) -> None:
-    """Write one Parquet file; local writes go through a temp file + rename, so readers never see half."""
+    """Write one Parquet file; readers never see half of it: locally a temp file + rename, on S3 a local
+    spool file uploaded with :func:`put_file` (retries counted).
+
+    Raises:
+        StorageError: the S3 upload failed.
+    """
     import pyarrow.parquet as pq
 
     if is_s3(uri):
-        fs, path = pyarrow_filesystem(uri, endpoint=endpoint)
-        pq.write_table(table, path, filesystem=fs)
+        with spool_file(".parquet") as spool:
+            pq.write_table(table, spool)
+            put_file(spool, uri, endpoint=endpoint)
         return
     path = resolve_local(uri)
     path.parent.mkdir(parents=True, exist_ok=True)

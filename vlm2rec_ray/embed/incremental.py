@@ -155,10 +155,14 @@ def classify(index: KeyIndex | None, ids: Sequence[str | None], hashes: Sequence
     return out, found
 
 
-def read_key_columns(files: Sequence[str], key: str, *, endpoint: str | None, where_status: str | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, int]:
+def read_key_columns(files: Sequence[str], key: str, *, endpoint: str | None) -> tuple[np.ndarray, np.ndarray, int]:
     """``(id keys, hash keys, rows)`` of Parquet files' ``key`` and ``content_hash`` columns, streamed by row
-    group (only two columns are read; with ``where_status`` only rows whose ``status`` equals it)."""
+    group (only those two columns are read, through :func:`vlm2rec_ray.storage.open_input_file`, so S3
+    retries are counted in :func:`vlm2rec_ray.storage.retry_attempts`).
+
+    Raises:
+        StorageError: a file is missing or unreadable.
+    """
     import pyarrow.parquet as pq
 
     from vlm2rec_ray import storage
@@ -166,16 +170,10 @@ def read_key_columns(files: Sequence[str], key: str, *, endpoint: str | None, wh
     ks: list[np.ndarray] = []
     vs: list[np.ndarray] = []
     rows = 0
-    columns = [key, "content_hash"] + (["status"] if where_status else [])
     for f in files:
-        fs, path = storage.pyarrow_filesystem(f, endpoint=endpoint)
-        with fs.open_input_file(path) as fh:
+        with storage.open_input_file(f, endpoint=endpoint) as fh:
             pf = pq.ParquetFile(fh)
-            for batch in pf.iter_batches(columns=columns, batch_size=65_536):
-                if where_status is not None:
-                    import pyarrow.compute as pc
-
-                    batch = batch.filter(pc.equal(batch.column("status"), where_status))
+            for batch in pf.iter_batches(columns=[key, "content_hash"], batch_size=65_536):
                 rows += batch.num_rows
                 ks.append(id_keys(batch.column(key).to_pylist()))
                 vs.append(hash_keys(batch.column("content_hash").to_pylist()))
@@ -184,10 +182,9 @@ def read_key_columns(files: Sequence[str], key: str, *, endpoint: str | None, wh
     return np.concatenate(ks), np.concatenate(vs), rows
 
 
-def build_index_from_files(files: Sequence[str], key: str, *, endpoint: str | None,
-                           where_status: str | None = None) -> KeyIndex:
+def build_index_from_files(files: Sequence[str], key: str, *, endpoint: str | None) -> KeyIndex:
     """A :class:`KeyIndex` of Parquet files (run this in a Ray task: the arrays go to the object store)."""
-    k, v, _ = read_key_columns(files, key, endpoint=endpoint, where_status=where_status)
+    k, v, _ = read_key_columns(files, key, endpoint=endpoint)
     return KeyIndex.build(k, v)
 
 

@@ -10,11 +10,18 @@ Full run (``incremental: false``, or no previous snapshot)::
     delete the run it replaced.
 
 Incremental run (nightly): pass 1 *scans* every row (fetch + hash, no decode, no model) and classifies it
-against the previous snapshot's ``content_hash`` (new / changed / unchanged / failed), staging small rows.
+against the previous snapshot's ``content_hash`` (new / changed / unchanged / failed), staging small rows
+by what pass 2 does with them (``encode``: new + changed, ``failed``, ``unchanged``).
 Pass 2 streams three branches into one sink: new and changed rows through the model (their images fetched
 again: only those), failed rows straight to the errors table, and unchanged rows copied from the previous
 snapshot's files (filtered in CPU tasks against an index in the object store; the driver never holds the
 previous snapshot). Deleted items are simply not carried. Nothing reaches the model when nothing changed.
+
+S3 retries (``storage_retries`` in the summary) are counted wherever the run touches S3, all through
+:mod:`vlm2rec_ray.storage`'s boto3 clients (Parquet included: ranged GETs in, spooled PUTs out; pyarrow's
+own S3 client is not used): Ray Data reads and image fetches carry theirs in a ``storage_retries`` column
+down to the sink (:mod:`vlm2rec_ray.embed.reader`), the sinks add their uploads, the census / index /
+catalog tasks return theirs, and the driver adds its own (planning, footers, manifests, clean-up).
 
 Nothing is materialized in the driver: data flows task to task through the object store, and the driver
 only receives per-write-task counts and file names. Memory is flat in the catalog size except for one thing:
@@ -39,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from vlm2rec_ray import storage
 from vlm2rec_ray.config import EmbedJobConfig, config_hash
-from vlm2rec_ray.embed import incremental, snapshot
+from vlm2rec_ray.embed import incremental, reader, snapshot
 from vlm2rec_ray.embed.schema import KEY_COLUMN, errors_schema, output_schema, schema_to_json
 
 if TYPE_CHECKING:
@@ -97,51 +104,21 @@ def source_files(uri: str, *, endpoint: str | None = None, default_file: str | N
     return ("parquet", parquet) if parquet else ("json", jsons)
 
 
-def read_parquet_files(paths: list[str], filesystem: Any, **kwargs: Any) -> ray.data.Dataset:
-    """``ray.data.read_parquet`` of an explicit file list through Ray Data's V1 Parquet reader.
-
-    The V2 reader (the default in Ray 2.60) starts each read with a ListFiles task that provisions a pool of
-    32 ``FooterReader`` actors (``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS``) to index row groups for listing and
-    predicate push-down. The embed job always knows its files and pushes nothing down, and on a small node
-    those actors cost seconds of start-up per read while the listing task holds a CPU the model actor is
-    waiting for (an incremental run reads three times).
-    """
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    saved = ctx.use_datasource_v2
-    ctx.use_datasource_v2 = False
-    try:
-        return ray.data.read_parquet(paths, filesystem=filesystem, **kwargs)
-    finally:
-        ctx.use_datasource_v2 = saved
-
-
-def _read(files: list[str], fmt: str, *, endpoint: str | None, columns: list[str] | None,
-          include_paths: bool) -> ray.data.Dataset:
-    import ray.data
-
-    fs, _ = storage.pyarrow_filesystem(files[0], endpoint=endpoint)
-    paths = [storage.pyarrow_filesystem(f, endpoint=endpoint)[1] for f in files]
-    if fmt == "parquet":
-        return read_parquet_files(paths, fs, columns=columns, include_paths=include_paths)
-    return ray.data.read_json(paths, filesystem=fs, include_paths=include_paths, file_extensions=None)
-
-
 def _census(files: list[str], fmt: str, kind: str, endpoint: str | None) -> dict[str, Any]:
-    """Rows, blank keys and duplicate keys of the input, reading only the key column (runs in a Ray task)."""
+    """Rows, blank keys and duplicate keys of the input, reading only the key column, and the S3 retries
+    that took (runs in a Ray task: one at a time per worker, so the counter's delta is this task's)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    retries_before = storage.retry_attempts()
     key = KEY_COLUMN[kind]
     required = _REQUIRED[kind]
 
     def key_batches() -> Any:
         for f in files:
             if fmt == "parquet":
-                fs, path = storage.pyarrow_filesystem(f, endpoint=endpoint)
-                with fs.open_input_file(path) as fh:
+                with storage.open_input_file(f, endpoint=endpoint) as fh:
                     pf = pq.ParquetFile(fh)
                     names = pf.schema_arrow.names
                     missing = [c for c in required if c not in names]
@@ -192,14 +169,16 @@ def _census(files: list[str], fmt: str, kind: str, endpoint: str | None) -> dict
                     examples[i] = examples.get(i, 0) + 1
         examples = {k: v for k, v in examples.items() if v > 1}
     return {"rows": rows, "blank_keys": blank, "duplicates": len(examples),
-            "duplicate_examples": sorted(examples)[:5]}
+            "duplicate_examples": sorted(examples)[:5], "storage_retries": storage.retry_attempts() - retries_before}
 
 
 def _catalog_lookup(files: list[str], endpoint: str | None) -> Any:
-    """The catalog as a :class:`CatalogLookup` (runs in a Ray task; shared via the object store)."""
+    """The catalog as a :class:`CatalogLookup` (runs in a Ray task; shared via the object store); its
+    ``storage_retries`` are the S3 retries of reading the catalog."""
     from vlm2rec_ray.data.catalog import read_catalog, resolve_image_uri
     from vlm2rec_ray.embed.preprocess import CatalogLookup
 
+    retries_before = storage.retry_attempts()
     ids: list[str] = []
     titles: list[str | None] = []
     uris: list[str | None] = []
@@ -209,7 +188,12 @@ def _catalog_lookup(files: list[str], endpoint: str | None) -> Any:
         titles += t.column("title").to_pylist()
         uris += [None if (u is None or not u.strip()) else resolve_image_uri(u, f)
                  for u in t.column("image_uri").to_pylist()]
-    return CatalogLookup(ids, titles, uris)
+    return CatalogLookup(ids, titles, uris, storage_retries=storage.retry_attempts() - retries_before)
+
+
+def _lookup_retries(lookup: Any) -> int:
+    """The ``storage_retries`` of a :class:`CatalogLookup` (a task, so the driver never pulls the lookup)."""
+    return int(lookup.storage_retries)
 
 
 def embedding_dim(cfg: EmbedJobConfig) -> int:
@@ -266,6 +250,8 @@ class RunPlan:
     previous: dict[str, Any] | None = None
     catalog_files: list[str] = field(default_factory=list)
     catalog_ref: Any = None
+    retries_at_start: int = 0  # the driver's S3 retry counter when planning began
+    retry_refs: list[Any] = field(default_factory=list)  # ObjectRefs of the index tasks' S3 retries
 
     @property
     def run_uri(self) -> str:
@@ -334,6 +320,7 @@ def plan_run(cfg: EmbedJobConfig, kind: str) -> RunPlan:
     """Resolve inputs, model size, previous snapshot and resources for a run of ``kind``."""
     import ray
 
+    retries_at_start = storage.retry_attempts()
     endpoint = storage.endpoint_url(cfg.data_endpoint)
     if kind == "items":
         source = cfg.catalog_uri or cfg.dataset_uri
@@ -362,7 +349,7 @@ def plan_run(cfg: EmbedJobConfig, kind: str) -> RunPlan:
                    fingerprint=incremental.encoder_fingerprint(cfg, kind), source_uri=source, fmt=fmt, files=files,
                    gpus=float(gpus), torch_threads=threads, rows_per_file=int(rows_per_file),
                    deterministic=cfg.deterministic if cfg.deterministic is not None else gpus == 0, previous=previous,
-                   catalog_files=catalog_files)
+                   catalog_files=catalog_files, retries_at_start=retries_at_start)
 
 
 # ---------------------------------------------------------------------------------------------- datasets
@@ -372,8 +359,8 @@ def _input_dataset(plan: RunPlan) -> ray.data.Dataset:
     from vlm2rec_ray.embed.preprocess import conform_batch
 
     cols = list(_REQUIRED[plan.kind]) if plan.fmt == "parquet" else None
-    ds = _read(plan.files, plan.fmt, endpoint=plan.endpoint, columns=cols,
-               include_paths=plan.kind == "items" and len(plan.files) > 1)
+    ds = reader.read_files(plan.files, plan.fmt, endpoint=plan.endpoint, columns=cols,
+                           include_paths=plan.kind == "items" and len(plan.files) > 1)
     ds = ds.map_batches(conform_batch, fn_kwargs={"kind": plan.kind}, batch_format="pyarrow", batch_size=None)
     # A catalog is often one file with one row group, i.e. one block: split it (streaming, no shuffle) so
     # that preprocess_concurrency fetch tasks run side by side.
@@ -424,10 +411,31 @@ def build_item_pipeline(plan: RunPlan) -> ray.data.Dataset:
     return _model_stage(plan, _prepare(plan, _input_dataset(plan), "encode"))
 
 
+def _index_with_retries(files: list[str], key: str, endpoint: str | None) -> tuple[incremental.KeyIndex, int]:
+    """``(KeyIndex of the files, S3 retries of reading them)`` (a Ray task: the delta is this task's)."""
+    before = storage.retry_attempts()
+    index = incremental.build_index_from_files(files, key, endpoint=endpoint)
+    return index, storage.retry_attempts() - before
+
+
 def _index_task() -> Any:
+    """``.remote(files, key, endpoint)`` -> two refs: the index (for the CPU tasks) and its retries (for us)."""
     import ray
 
-    return ray.remote(num_cpus=0.25)(incremental.build_index_from_files)
+    return ray.remote(num_cpus=0.25, num_returns=2)(_index_with_retries)
+
+
+def _storage_retries(plan: RunPlan, census: dict[str, Any], res: dict[str, Any], scan: dict[str, Any] | None) -> int:
+    """Every S3 retry of the run so far: what the sinks added up (rows from reads, fetches; their uploads),
+    the census, index and catalog tasks, and this driver since planning began."""
+    import ray
+
+    refs = list(plan.retry_refs)
+    if plan.catalog_ref is not None:
+        refs.append(ray.remote(num_cpus=0)(_lookup_retries).remote(plan.catalog_ref))
+    return (int(res["counts"].get("storage_retries", 0)) + int((scan or {}).get("counts", {}).get("storage_retries", 0))
+            + int(census.get("storage_retries", 0)) + sum(int(n) for n in ray.get(refs))
+            + storage.retry_attempts() - plan.retries_at_start)
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -453,7 +461,7 @@ def _summarize(plan: RunPlan, census: dict[str, Any], res: dict[str, Any], scan:
         "reasons": dict(sorted(res["reasons"].items())),
         "texts_encoded": int(c.get("texts_encoded", 0)),
         "images_encoded": int(c.get("images_encoded", 0)),
-        "storage_retries": int(c.get("storage_retries", 0)),
+        "storage_retries": _storage_retries(plan, census, res, scan),
         "uri": plan.root,
         "partition": snapshot.partition_uri(plan.root, plan.dt),
         "errors_uri": plan.errors_uri if failed else None,
@@ -592,6 +600,7 @@ def _run(cfg: EmbedJobConfig, kind: str, progress: Callable[[str], None] | None)
         replaced = snapshot.publish_manifest(plan.root, plan.dt, manifest, endpoint=plan.endpoint)
         summary["manifest_uri"] = snapshot.manifest_uri(plan.root, plan.dt)
         summary["replaced_run"] = replaced["run_id"] if replaced else None
+        summary["storage_retries"] = _storage_retries(plan, census, res, scan)  # now with the publish's
         summary["elapsed_s"] = round(time.perf_counter() - started, 3)
         summary["rows_per_s"] = round(summary["input_rows"] / summary["elapsed_s"], 2) if summary["elapsed_s"] else None
         return summary
@@ -636,43 +645,37 @@ def _write(ds: ray.data.Dataset, sink: Any, write_args: dict[str, Any]) -> None:
 def _incremental(plan: RunPlan, sink: Any, write_args: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
     """Pass 1 (scan + classify, staged) and pass 2 (encode new/changed, errors, carry unchanged)."""
     from vlm2rec_ray.embed import preprocess
-    from vlm2rec_ray.embed.sink import ScanSink
+    from vlm2rec_ray.embed.sink import SCAN_GROUPS, ScanSink
 
     key = KEY_COLUMN[plan.kind]
     prev = plan.previous
     prev_ref = None
     if prev is not None:
-        prev_ref = _index_task().remote(prev["_files"], key, endpoint=plan.endpoint)
+        prev_ref, retries = _index_task().remote(prev["_files"], key, plan.endpoint)
+        plan.retry_refs.append(retries)
         say(f"previous snapshot: dt={prev['dt']} run {prev['run_id']} ({prev.get('num_rows', 0)} rows)")
     scan_sink = ScanSink(uri=snapshot.staging_uri(plan.root, plan.dt, plan.run_id, "scan"), endpoint=plan.endpoint,
                          schema=preprocess.SCAN_ROW_SCHEMA)
     scan_ds = _prepare(plan, _input_dataset(plan), "scan", prev_index=[prev_ref] if prev_ref is not None else None)
     _write(scan_ds, scan_sink, write_args)
-    scan = scan_sink.result or {"counts": {}, "files": []}
+    scan = scan_sink.result or {"counts": {}, "files": {g: [] for g in SCAN_GROUPS}}
     sc = scan["counts"]
     say("scan: " + ", ".join(f"{k}={sc.get(k, 0)}" for k in ("new", "changed", "unchanged", "failed")))
 
     branches: list[ray.data.Dataset] = []
-    fs_scan = None
-    if scan["files"]:
-        fs_scan, _ = storage.pyarrow_filesystem(scan["files"][0], endpoint=plan.endpoint)
-    scan_paths = [storage.pyarrow_filesystem(f, endpoint=plan.endpoint)[1] for f in scan["files"]]
-
-    def scan_rows(statuses: list[str]) -> ray.data.Dataset:
-        return read_parquet_files(scan_paths, fs_scan).map_batches(
-            preprocess.select_status, fn_kwargs={"statuses": statuses}, batch_format="pyarrow", batch_size=None)
-
-    if sc.get("new", 0) + sc.get("changed", 0):
-        branches.append(_model_stage(plan, _prepare(plan, scan_rows(["new", "changed"]), "from_scan")))
-    if sc.get("failed", 0):
-        branches.append(scan_rows(["failed"]).map_batches(preprocess.to_sink_rows, fn_kwargs={"source": "failed",
-                                                          "dim": plan.dim}, batch_format="pyarrow", batch_size=None))
-    if sc.get("unchanged", 0):
+    staged = scan["files"]  # {"encode": [...], "failed": [...], "unchanged": [...]} (see sink.SCAN_GROUPS)
+    if staged["encode"]:
+        rows = reader.read_files(staged["encode"], "parquet", endpoint=plan.endpoint)
+        branches.append(_model_stage(plan, _prepare(plan, rows, "from_scan")))
+    if staged["failed"]:
+        rows = reader.read_files(staged["failed"], "parquet", endpoint=plan.endpoint)
+        branches.append(rows.map_batches(preprocess.to_sink_rows, fn_kwargs={"source": "failed", "dim": plan.dim},
+                                         batch_format="pyarrow", batch_size=None))
+    if staged["unchanged"]:
         assert prev is not None
-        unchanged_ref = _index_task().remote(scan["files"], "key", endpoint=plan.endpoint, where_status="unchanged")
-        fs_prev, _ = storage.pyarrow_filesystem(prev["_files"][0], endpoint=plan.endpoint)
-        carry = read_parquet_files([storage.pyarrow_filesystem(f, endpoint=plan.endpoint)[1] for f in prev["_files"]],
-                                   fs_prev)
+        unchanged_ref, retries = _index_task().remote(staged["unchanged"], "key", plan.endpoint)
+        plan.retry_refs.append(retries)
+        carry = reader.read_files(prev["_files"], "parquet", endpoint=plan.endpoint)
         branches.append(carry.map_batches(preprocess.carry_filter, fn_kwargs={"opts": {"unchanged": [unchanged_ref]},
                                                                               "dim": plan.dim},
                                           batch_format="pyarrow", batch_size=None, num_cpus=0.25))
@@ -710,7 +713,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"  encoded {s['texts_encoded']} distinct texts and {s['images_encoded']} distinct images "
                  f"for {s['encoded']} rows; carried {s['carried']}")
     if s.get("storage_retries"):
-        lines.append(f"  storage: {s['storage_retries']} S3 retries while fetching images (all absorbed)")
+        lines.append(f"  storage: {s['storage_retries']} S3 retries (all absorbed)")
     if s["reasons"]:
         lines.append("  failures: " + ", ".join(f"{k}={v}" for k, v in s["reasons"].items())
                      + (f" (errors table: {s['errors_uri']})" if s.get("errors_uri") else ""))

@@ -51,7 +51,7 @@ def sink_row_schema(dim: int) -> pa.Schema:
         ("emb_fused", emb),
         ("content_hash", pa.string()),
         ("embedded_at", EMBEDDED_AT_TYPE),
-        ("status", pa.string()),  # "encoded" | "carried" | "failed"
+        ("status", pa.string()),  # "encoded" | "carried" | "failed" | "stats" (counters only: preprocess.stats_row)
         ("change", pa.string()),  # "new" | "changed" | "unchanged" | ""
         ("in_prev", pa.bool_()),
         ("reason", pa.string()),
@@ -61,7 +61,7 @@ def sink_row_schema(dim: int) -> pa.Schema:
         ("failed_item_id", pa.string()),
         ("texts_encoded", pa.int32()),  # forwards this row triggered (0 when served by dedup/cache)
         ("images_encoded", pa.int32()),
-        ("storage_retries", pa.int32()),  # S3 retries of the fetch batch (see preprocess.ENCODE_ROW_SCHEMA)
+        ("storage_retries", pa.int32()),  # S3 retries carried by the row (see preprocess.ENCODE_ROW_SCHEMA)
     ])
 
 

@@ -7,6 +7,9 @@
   pixels, the cache keys and the ``content_hash``; or a failed row with its reason. Nothing is dropped.
 - In ``scan`` mode (pass 1 of an incremental run) they fetch and hash but do not decode, and classify each
   row ``new`` / ``changed`` / ``unchanged`` against the previous snapshot's :class:`KeyIndex`.
+- S3 retries travel with the rows in a ``storage_retries`` column (see :mod:`vlm2rec_ray.embed.reader`):
+  each stage passes on the retries its input rows carried plus its own, so nothing is lost when rows are
+  dropped (:func:`carry_filter` emits a ``stats`` row when it keeps none) and the sink's sum is the total.
 
 Items are handled as one-item histories, so items and sequences share one code path down to the model.
 """
@@ -22,7 +25,10 @@ import pyarrow.compute as pc
 
 from vlm2rec_ray.data.images import decode_image, fetch_image_bytes
 from vlm2rec_ray.embed import incremental
+from vlm2rec_ray.embed.reader import RETRIES_COLUMN, retries_in, with_retries
 from vlm2rec_ray.embed.schema import HISTORY_TYPE
+
+STATS_STATUS = "stats"  # a sink row that only carries counters (see stats_row)
 
 # Rows handed from the CPU stage to the model actors.
 ENCODE_ROW_SCHEMA = pa.schema([
@@ -43,7 +49,9 @@ ENCODE_ROW_SCHEMA = pa.schema([
     ("title", pa.string()),  # for the errors table: the (failing) item's title and image URI
     ("image_uri", pa.string()),
     ("failed_item_id", pa.string()),
-    ("storage_retries", pa.int32()),  # S3 retry attempts of this batch's image fetches, on its first row (else 0)
+    # S3 retries, on the batch's first row (else 0): its image fetches plus those its input rows carried
+    # (the reads of the catalog / split / staged scan files)
+    ("storage_retries", pa.int32()),
 ])
 
 # Rows of an incremental run's pass 1 (staged as Parquet, small: no pixels).
@@ -58,6 +66,7 @@ SCAN_ROW_SCHEMA = pa.schema([
     ("reason", pa.string()),
     ("detail", pa.string()),
     ("failed_item_id", pa.string()),
+    ("storage_retries", pa.int32()),  # as in ENCODE_ROW_SCHEMA; the scan sink adds it up and does not stage it
 ])
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
@@ -73,13 +82,16 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 
 
 def conform_batch(batch: pa.Table, *, kind: str) -> pa.Table:
-    """Cast a raw catalog (items) or split (sequences) block to its schema; keeps a ``path`` column."""
+    """Cast a raw catalog (items) or split (sequences) block to its schema; keeps the ``path`` and
+    ``storage_retries`` columns."""
     from vlm2rec_ray.data.schemas import conform_catalog, conform_split
 
-    path = batch.column("path") if "path" in batch.column_names else None
+    keep = {c: batch.column(c) for c in ("path", RETRIES_COLUMN) if c in batch.column_names}
     table = conform_catalog(batch) if kind == "items" else conform_split(batch)
-    if path is not None:
-        table = table.append_column("path", path.cast(pa.string()))
+    if "path" in keep:
+        table = table.append_column("path", keep["path"].cast(pa.string()))
+    if RETRIES_COLUMN in keep:
+        table = table.append_column(RETRIES_COLUMN, keep[RETRIES_COLUMN].cast(pa.int32()))
     return table
 
 
@@ -136,14 +148,15 @@ class _Row:
             self.reason, self.detail, self.failed_item = reason, detail, item
 
 
-def _finish(rows: list[_Row], opts: dict[str, Any], kind: str) -> pa.Table:
-    """Fetch, hash, (decode,) and build the output table for validated rows."""
+def _finish(rows: list[_Row], opts: dict[str, Any], kind: str, carried_retries: int) -> pa.Table:
+    """Fetch, hash, (decode,) and build the output table for validated rows; ``carried_retries`` (what the
+    input rows' ``storage_retries`` add up to) plus the fetches' retries go on the first output row."""
     from vlm2rec_ray import storage
 
     mode = opts["mode"]
     retries_before = storage.retry_attempts()  # a Ray task worker runs one task at a time: the delta is ours
     fetched = _fetch_many([u for r in rows if r.reason is None for (_, _, u) in r.items], opts)
-    retries = storage.retry_attempts() - retries_before
+    retries = storage.retry_attempts() - retries_before + carried_retries
     digests = {u: incremental.image_digest(d) for u, (d, _) in fetched.items() if d is not None}
     for r in rows:
         if r.reason is not None:
@@ -198,8 +211,9 @@ def _finish(rows: list[_Row], opts: dict[str, Any], kind: str) -> pa.Table:
                 "reason": r.reason,
                 "detail": r.detail,
                 "failed_item_id": r.failed_item[0] if r.failed_item else None,
+                "storage_retries": 0 if i else retries,
             }
-            for r, h, ch, p in zip(rows, hashes, changes, in_prev, strict=True)
+            for i, (r, h, ch, p) in enumerate(zip(rows, hashes, changes, in_prev, strict=True))
         ], schema=SCAN_ROW_SCHEMA)
 
     out: list[dict[str, Any]] = []
@@ -250,7 +264,7 @@ def prepare_items(batch: pa.Table, *, opts: dict[str, Any]) -> pa.Table:
             r.fail("empty_title", f"title is {title!r}", (item_id, title, resolved))
         elif resolved is None:
             r.fail("missing", "image_uri is empty", (item_id, title, uri))
-    return _finish(rows, opts, "items")
+    return _finish(rows, opts, "items", retries_in(batch))
 
 
 def prepare_sequences(batch: pa.Table, *, opts: dict[str, Any]) -> pa.Table:
@@ -284,34 +298,32 @@ def prepare_sequences(batch: pa.Table, *, opts: dict[str, Any]) -> pa.Table:
                 r.fail("missing", f"history item {item_id!r} has no image_uri", (item_id, title, uri))
                 break
             r.items.append((item_id, title, uri))
-    return _finish(rows, opts, "sequences")
+    return _finish(rows, opts, "sequences", retries_in(batch))
 
 
 def prepare_from_scan(batch: pa.Table, *, opts: dict[str, Any], kind: str) -> pa.Table:
     """Pass 2 of an incremental run: re-read the new/changed rows the scan found and prepare them for the
-    model (their scan verdict, ``new``/``changed``, is kept)."""
+    model (their scan verdict, ``new``/``changed``, is kept; so are the retries they carry)."""
     opts = dict(opts, mode="encode", prev_index=None, change_column=batch.column("status").to_pylist(),
                 in_prev_column=batch.column("in_prev").to_pylist())
     if kind == "items":
         t = pa.table({"item_id": batch.column("key"), "title": batch.column("title"),
                       "image_uri": batch.column("image_uri")})
-        return prepare_items(t, opts=opts)
+        return prepare_items(with_retries(t, retries_in(batch)), opts=opts)
     t = pa.table({"user_id": batch.column("key"), "history": batch.column("history")})
-    return prepare_sequences(t, opts=opts)
-
-
-def select_status(batch: pa.Table, *, statuses: list[str]) -> pa.Table:
-    """Rows of a scan table whose ``status`` is one of ``statuses``."""
-    return batch.filter(pc.is_in(batch.column("status"), value_set=pa.array(statuses, pa.string())))
+    return prepare_sequences(with_retries(t, retries_in(batch)), opts=opts)
 
 
 class CatalogLookup:
     """``item_id -> (title, absolute image_uri)`` for sequence preprocessing, built once per run in a Ray task
-    and shared through the object store (sorted ``uint64`` keys + Arrow columns; ``np.searchsorted``)."""
+    and shared through the object store (sorted ``uint64`` keys + Arrow columns; ``np.searchsorted``).
+    ``storage_retries``: the S3 retries that reading the catalog for it took."""
 
-    def __init__(self, ids: list[str], titles: list[str | None], uris: list[str | None]) -> None:
+    def __init__(self, ids: list[str], titles: list[str | None], uris: list[str | None], *,
+                 storage_retries: int = 0) -> None:
         import numpy as np
 
+        self.storage_retries = storage_retries
         keys = incremental.id_keys(ids)
         order = np.argsort(keys, kind="stable")
         self.keys = np.ascontiguousarray(keys[order])
@@ -345,27 +357,28 @@ class CatalogLookup:
 
 def to_sink_rows(batch: pa.Table, *, source: str, dim: int) -> pa.Table:
     """Scan rows that failed (``source='failed'``) or previous snapshot rows carried over
-    (``source='carried'``) in the sink's row format (see :data:`vlm2rec_ray.embed.predictor.SINK_ROW`)."""
+    (``source='carried'``) in the sink's row format (see :func:`vlm2rec_ray.embed.predictor.sink_row_schema`);
+    the retries the batch carries stay on its first row."""
     from vlm2rec_ray.embed.predictor import sink_row_schema
 
     schema = sink_row_schema(dim)
     n = batch.num_rows
-    cols: dict[str, Any] = {}
+    cols: dict[str, Any] = {RETRIES_COLUMN: pa.array([retries_in(batch)] + [0] * (n - 1) if n else [], pa.int32())}
     if source == "failed":
-        cols = {"key": batch.column("key"), "history": batch.column("history"),
-                "status": pa.array(["failed"] * n, pa.string()), "change": pa.array([""] * n, pa.string()),
-                "in_prev": batch.column("in_prev"), "reason": batch.column("reason"),
-                "detail": batch.column("detail"), "title": batch.column("title"),
-                "image_uri": batch.column("image_uri"), "failed_item_id": batch.column("failed_item_id")}
+        cols |= {"key": batch.column("key"), "history": batch.column("history"),
+                 "status": pa.array(["failed"] * n, pa.string()), "change": pa.array([""] * n, pa.string()),
+                 "in_prev": batch.column("in_prev"), "reason": batch.column("reason"),
+                 "detail": batch.column("detail"), "title": batch.column("title"),
+                 "image_uri": batch.column("image_uri"), "failed_item_id": batch.column("failed_item_id")}
     elif source == "carried":
         key = "item_id" if "item_id" in batch.column_names else "user_id"
-        cols = {"key": batch.column(key),
-                "history": batch.column("history") if "history" in batch.column_names else pa.nulls(n, HISTORY_TYPE),
-                "emb_text": batch.column("emb_text"), "emb_image": batch.column("emb_image"),
-                "emb_fused": batch.column("emb_fused"), "content_hash": batch.column("content_hash"),
-                "embedded_at": batch.column("embedded_at"),
-                "status": pa.array(["carried"] * n, pa.string()), "change": pa.array(["unchanged"] * n, pa.string()),
-                "in_prev": pa.array([True] * n, pa.bool_())}
+        cols |= {"key": batch.column(key),
+                 "history": batch.column("history") if "history" in batch.column_names else pa.nulls(n, HISTORY_TYPE),
+                 "emb_text": batch.column("emb_text"), "emb_image": batch.column("emb_image"),
+                 "emb_fused": batch.column("emb_fused"), "content_hash": batch.column("content_hash"),
+                 "embedded_at": batch.column("embedded_at"),
+                 "status": pa.array(["carried"] * n, pa.string()), "change": pa.array(["unchanged"] * n, pa.string()),
+                 "in_prev": pa.array([True] * n, pa.bool_())}
     else:
         raise ValueError(f"unknown sink row source {source!r}")
     arrays = []
@@ -377,9 +390,20 @@ def to_sink_rows(batch: pa.Table, *, source: str, dim: int) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+def stats_row(retries: int, dim: int) -> pa.Table:
+    """One sink row with status ``stats``: no item, only counters (``storage_retries``) for the sink to add up,
+    for a stage that keeps no row of a batch that carried retries."""
+    from vlm2rec_ray.embed.predictor import sink_row_schema
+
+    schema = sink_row_schema(dim)
+    values = {"status": STATS_STATUS, "change": "", "in_prev": False, RETRIES_COLUMN: retries}
+    return pa.Table.from_arrays([pa.array([values.get(f.name)], f.type) for f in schema], schema=schema)
+
+
 def carry_filter(batch: pa.Table, *, opts: dict[str, Any], dim: int) -> pa.Table:
     """Previous snapshot rows whose item is unchanged in this run (``opts['unchanged']``: ``[ObjectRef]`` of
-    a :class:`KeyIndex` of the scan's unchanged rows), as sink rows."""
+    a :class:`KeyIndex` of the scan's unchanged rows), as sink rows; the batch's retries stay on the first
+    row kept, or on a :func:`stats_row` when none is."""
     import numpy as np
 
     index: incremental.KeyIndex = incremental.resolve_ref(opts["unchanged"])
@@ -387,7 +411,11 @@ def carry_filter(batch: pa.Table, *, opts: dict[str, Any], dim: int) -> pa.Table
     found, cur = index.lookup(incremental.id_keys(batch.column(key).to_pylist()))
     prev = incremental.hash_keys(batch.column("content_hash").to_pylist())
     keep = found & (cur == prev)
-    return to_sink_rows(batch.filter(pa.array(np.asarray(keep))), source="carried", dim=dim)
+    retries = retries_in(batch)
+    kept = batch.filter(pa.array(np.asarray(keep)))
+    if kept.num_rows == 0:
+        return stats_row(retries, dim) if retries else to_sink_rows(kept, source="carried", dim=dim)
+    return to_sink_rows(with_retries(kept, retries), source="carried", dim=dim)
 
 
 __all__ = [
@@ -399,6 +427,6 @@ __all__ = [
     "prepare_from_scan",
     "prepare_items",
     "prepare_sequences",
-    "select_status",
+    "stats_row",
     "to_sink_rows",
 ]

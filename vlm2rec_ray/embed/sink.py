@@ -5,13 +5,20 @@ write task, streams the ``encoded``/``carried`` rows into ``run=<id>/part-<task>
 output schema and the ``failed`` rows into ``run=<id>/_errors/part-<task>.parquet``. Each task returns
 its files and counts; :meth:`on_write_complete` (on the driver) adds them up, so the run's summary needs no
 second pass over the data. File names derive from the write task's index, so a retried task overwrites its
-own files instead of duplicating rows. Local files are written under a temporary name and renamed; S3
-objects appear only when their (multipart) upload completes.
+own files instead of duplicating rows. Local files are written under a temporary name and renamed; an S3
+file is written to a local spool file and uploaded when complete (one PUT, or a multipart upload), so the
+object appears only whole.
+
+S3 retries: the sinks add up the ``storage_retries`` column of their rows (what the stages upstream
+counted, ``stats`` rows included, which carry nothing else) and the retries of their own uploads, and
+return the sum as the ``storage_retries`` count.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import uuid
 from collections import Counter
 from collections.abc import Iterable
@@ -23,6 +30,8 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from vlm2rec_ray import storage
+from vlm2rec_ray.embed.preprocess import STATS_STATUS
+from vlm2rec_ray.embed.reader import RETRIES_COLUMN, retries_in
 from vlm2rec_ray.embed.schema import (
     EMBEDDED_AT_TYPE,
     KEY_COLUMN,
@@ -36,14 +45,16 @@ if TYPE_CHECKING:
 
 
 class _PartWriter:
-    """One Parquet file written incrementally (opened on the first rows; atomic rename locally)."""
+    """One Parquet file written incrementally (opened on the first rows). Locally it is written under a
+    temporary name next to its destination and renamed; for S3 it is written to a local spool file
+    (``tempfile.gettempdir()``) that :func:`~vlm2rec_ray.storage.put_file` uploads on :meth:`close`.
+    ``retries`` counts the S3 retries of that upload (only: not of whatever produced the rows)."""
 
     def __init__(self, uri: str, schema: pa.Schema, endpoint: str | None) -> None:
         self.uri, self.schema, self.endpoint = uri, schema, endpoint
         self.rows = 0
+        self.retries = 0
         self._writer: Any = None
-        self._fs: Any = None
-        self._path = ""
         self._tmp = ""
 
     def write(self, table: pa.Table) -> None:
@@ -52,34 +63,44 @@ class _PartWriter:
         import pyarrow.parquet as pq
 
         if self._writer is None:
-            self._fs, self._path = storage.pyarrow_filesystem(self.uri, endpoint=self.endpoint)
             if storage.is_s3(self.uri):
-                self._tmp = self._path  # an S3 object is visible only once its upload completes
+                fd, self._tmp = tempfile.mkstemp(prefix="vlm2rec-spool-", suffix=".parquet")
+                os.close(fd)
             else:
-                os.makedirs(os.path.dirname(self._path), exist_ok=True)
-                self._tmp = os.path.join(os.path.dirname(self._path),
-                                         f".{os.path.basename(self._path)}.tmp-{uuid.uuid4().hex[:8]}")
-            self._writer = pq.ParquetWriter(self._tmp, self.schema, filesystem=self._fs, compression="zstd")
+                path = storage.resolve_local(self.uri)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._tmp = str(path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"))
+            self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
         self._writer.write_table(table.cast(self.schema))
         self.rows += table.num_rows
 
     def close(self) -> int:
-        """Finish the file; returns its size in bytes (0 when nothing was written)."""
+        """Finish the file and publish it; returns its size in bytes (0 when nothing was written).
+
+        Raises:
+            StorageError: the S3 upload failed.
+        """
         if self._writer is None:
             return 0
         self._writer.close()
-        if self._tmp != self._path:
-            self._fs.move(self._tmp, self._path)
-        return int(self._fs.get_file_info(self._path).size or 0)
+        if not storage.is_s3(self.uri):
+            size = os.path.getsize(self._tmp)
+            os.replace(self._tmp, storage.resolve_local(self.uri))
+            return size
+        before = storage.retry_attempts()
+        try:
+            return storage.put_file(self._tmp, self.uri, endpoint=self.endpoint)
+        finally:
+            self.retries += storage.retry_attempts() - before
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._tmp)
 
     def abort(self) -> None:
         if self._writer is not None:
-            try:
+            with contextlib.suppress(Exception):
                 self._writer.close()
-                if self._tmp != self._path:
-                    self._fs.delete_file(self._tmp)
-            except Exception:
-                pass
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._tmp)
 
 
 def _const(value: str, n: int) -> pa.Array:
@@ -157,6 +178,9 @@ class SnapshotSink(Datasink):
         try:
             for block in blocks:
                 t = BlockAccessor.for_block(block).to_arrow()
+                counts["storage_retries"] += retries_in(t)
+                if t.num_rows and "status" in t.column_names:
+                    t = t.filter(pc.invert(pc.fill_null(pc.equal(t.column("status"), STATS_STATUS), False)))
                 if t.num_rows == 0:
                     continue
                 status = t.column("status")
@@ -179,8 +203,6 @@ class SnapshotSink(Datasink):
                 counts["in_prev"] += int(pc.sum(pc.cast(t.column("in_prev"), pa.int64())).as_py() or 0)
                 counts["texts_encoded"] += int(pc.sum(t.column("texts_encoded")).as_py() or 0)
                 counts["images_encoded"] += int(pc.sum(t.column("images_encoded")).as_py() or 0)
-                if "storage_retries" in t.column_names:
-                    counts["storage_retries"] += int(pc.sum(t.column("storage_retries")).as_py() or 0)
                 for k, v in zip(*_value_counts(bad.column("reason")), strict=True):
                     reasons[k or "unknown"] += v
             files = []
@@ -192,6 +214,7 @@ class SnapshotSink(Datasink):
             data.abort()
             errs.abort()
             raise
+        counts["storage_retries"] += data.retries + errs.retries
         return {"files": files, "counts": dict(counts), "reasons": dict(reasons)}
 
     def on_write_complete(self, write_result: WriteResult) -> None:
@@ -215,11 +238,20 @@ def _value_counts(arr: Any) -> tuple[list[Any], list[int]]:
     return vc.field("values").to_pylist(), vc.field("counts").to_pylist()
 
 
+# Staged scan rows by what pass 2 does with them: each group is read by one branch, unfiltered.
+SCAN_GROUPS = {"encode": ("new", "changed"), "failed": ("failed",), "unchanged": ("unchanged",)}
+
+
 class ScanSink(Datasink):
-    """Stage the scan rows of an incremental run (pass 1) as Parquet and count them by status."""
+    """Stage the scan rows of an incremental run (pass 1) as Parquet, one file per group of
+    :data:`SCAN_GROUPS` per write task (``<uri>/<group>/part-*.parquet``), and count them by status.
+
+    ``schema`` is the scan rows' schema; its ``storage_retries`` column is added up, not staged.
+    """
 
     def __init__(self, *, uri: str, endpoint: str | None, schema: pa.Schema) -> None:
-        self.uri, self.endpoint, self.schema = uri, endpoint, schema
+        self.uri, self.endpoint = uri, endpoint
+        self.schema = pa.schema([f for f in schema if f.name != RETRIES_COLUMN])
         self.result: dict[str, Any] | None = None
 
     def get_name(self) -> str:
@@ -230,30 +262,45 @@ class ScanSink(Datasink):
         return 200_000
 
     def write(self, blocks: Iterable[Any], ctx: TaskContext) -> dict[str, Any]:
-        w = _PartWriter(storage.join(self.uri, f"part-{ctx.task_idx:05d}.parquet"), self.schema, self.endpoint)
+        name = f"part-{ctx.task_idx:05d}.parquet"
+        writers = {g: _PartWriter(storage.join(self.uri, g, name), self.schema, self.endpoint) for g in SCAN_GROUPS}
         counts: Counter[str] = Counter()
         try:
             for block in blocks:
                 t = BlockAccessor.for_block(block).to_arrow()
-                w.write(t)
-                for k, v in zip(*_value_counts(t.column("status")), strict=True):
+                counts["storage_retries"] += retries_in(t)
+                if RETRIES_COLUMN in t.column_names:
+                    t = t.drop_columns([RETRIES_COLUMN])
+                status = t.column("status")
+                routed = 0
+                for g, statuses in SCAN_GROUPS.items():
+                    part = t.filter(pc.is_in(status, value_set=pa.array(statuses, pa.string())))
+                    writers[g].write(part)
+                    routed += part.num_rows
+                if routed != t.num_rows:
+                    raise AssertionError(f"scan rows with unknown status: {pc.unique(status).to_pylist()}")
+                for k, v in zip(*_value_counts(status), strict=True):
                     counts[k] += v
                 counts["in_prev"] += int(pc.sum(pc.cast(t.column("in_prev"), pa.int64())).as_py() or 0)
                 counts["rows"] += t.num_rows
-            w.close()
+            for w in writers.values():
+                w.close()
         except BaseException:
-            w.abort()
+            for w in writers.values():
+                w.abort()
             raise
-        return {"files": [w.uri] if w.rows else [], "counts": dict(counts)}
+        counts["storage_retries"] += sum(w.retries for w in writers.values())
+        return {"files": {g: [w.uri] if w.rows else [] for g, w in writers.items()}, "counts": dict(counts)}
 
     def on_write_complete(self, write_result: WriteResult) -> None:
         counts: Counter[str] = Counter()
-        files: list[str] = []
+        files: dict[str, list[str]] = {g: [] for g in SCAN_GROUPS}
         for r in write_result.write_returns:
             if r:
                 counts.update(r["counts"])
-                files += r["files"]
-        self.result = {"counts": dict(counts), "files": sorted(files)}
+                for g, fs in r["files"].items():
+                    files[g] += fs
+        self.result = {"counts": dict(counts), "files": {g: sorted(fs) for g, fs in files.items()}}
 
 
-__all__ = ["ScanSink", "SnapshotSink"]
+__all__ = ["SCAN_GROUPS", "ScanSink", "SnapshotSink"]

@@ -60,10 +60,10 @@ def test_classify() -> None:
 
 
 def test_index_from_parquet_files(tmp_path: Path) -> None:
-    t = pa.table({"key": ["a", "b", "c"], "content_hash": ["1" * 64, "2" * 64, "3" * 64],
-                  "status": ["unchanged", "changed", "unchanged"]})
-    pq.write_table(t, tmp_path / "p.parquet")
-    idx = inc.build_index_from_files([str(tmp_path / "p.parquet")], "key", endpoint=None, where_status="unchanged")
-    assert len(idx) == 2
-    assert idx.lookup(inc.id_keys(["a", "b"]))[0].tolist() == [True, False]
+    t = pa.table({"key": ["a", "b", "c"], "content_hash": ["1" * 64, "2" * 64, "3" * 64], "other": [1, 2, 3]})
+    pq.write_table(t.slice(0, 2), tmp_path / "p.parquet")
+    pq.write_table(t.slice(2), tmp_path / "q.parquet")
+    idx = inc.build_index_from_files([str(tmp_path / "p.parquet"), str(tmp_path / "q.parquet")], "key", endpoint=None)
+    assert len(idx) == 3
+    assert idx.lookup(inc.id_keys(["a", "c", "d"]))[0].tolist() == [True, True, False]
     assert inc.resolve_ref(None) is None and inc.resolve_ref([idx]) is idx
