@@ -65,29 +65,50 @@ def sink_row_schema(dim: int) -> pa.Schema:
     ])
 
 
-# Bytes an LRU entry costs besides its d floats (numpy header, 64-char key, OrderedDict slot), so that
-# cache_mib bounds the real footprint for small d too.
+# Bytes an LRU entry costs besides its d floats (the 64-character key string, its OrderedDict slot and slot
+# number: 204-224 B measured with tracemalloc in tests/unit/embed/test_predictor.py; the rest is headroom for
+# the dict's resizing), so that cache_mib bounds the real footprint for small d too.
 _ENTRY_OVERHEAD = 400
 
 
 class _LRU:
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.data: OrderedDict[str, np.ndarray] = OrderedDict()
+    """An LRU map from content key to a ``d``-float32 vector, the vectors in one ``[capacity, d]`` slab.
+
+    The slab is allocated once (untouched pages cost nothing until used), so the cached vectors never interleave
+    with the allocations of the batches passing through the actor: a per-vector numpy array each would scatter
+    long-lived small blocks over the heap, which then cannot shrink (the actor's private memory grew ~5 KB per
+    cached item that way, about 10x the entries' own size).
+    """
+
+    def __init__(self, capacity: int, dim: int) -> None:
+        self.capacity = max(0, int(capacity))
+        self.slab = np.zeros((self.capacity, dim), np.float32) if self.capacity else None
+        self.slots: OrderedDict[str, int] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.slots)
 
     def get(self, key: str) -> np.ndarray | None:
-        v = self.data.get(key)
-        if v is not None:
-            self.data.move_to_end(key)
-        return v
+        """A copy of the cached vector (marked most recently used), or None."""
+        slot = self.slots.get(key)
+        if slot is None:
+            return None
+        self.slots.move_to_end(key)
+        return self.slab[slot].copy()  # type: ignore[index]
 
     def put(self, key: str, value: np.ndarray) -> None:
-        if self.capacity <= 0:
+        if not self.capacity:
             return
-        self.data[key] = value
-        self.data.move_to_end(key)
-        while len(self.data) > self.capacity:
-            self.data.popitem(last=False)
+        slot = self.slots.get(key)
+        if slot is None:
+            if len(self.slots) < self.capacity:
+                slot = len(self.slots)
+            else:
+                _, slot = self.slots.popitem(last=False)  # evict the least recently used; reuse its row
+            self.slots[key] = slot
+        else:
+            self.slots.move_to_end(key)
+        self.slab[slot] = value  # type: ignore[index]
 
 
 def _image_grid_fn(processor: Any) -> Callable[[int, int], tuple[int, int]]:
@@ -124,7 +145,8 @@ class BatchEncoder:
         self.fusion = fusion
         self.dim = int(encoder.hidden_size)
         entries = int(cache_mib) * (1 << 20) // (4 * self.dim + _ENTRY_OVERHEAD)
-        self.text_cache, self.image_cache, self.joint_cache = _LRU(entries), _LRU(entries), _LRU(entries)
+        self.text_cache, self.image_cache, self.joint_cache = (_LRU(entries, self.dim), _LRU(entries, self.dim),
+                                                                 _LRU(entries, self.dim))
         self._grid = _image_grid_fn(encoder.processor)
         self._torch = torch
 
@@ -177,8 +199,8 @@ class BatchEncoder:
 
     def _to_numpy(self, t: Any) -> np.ndarray:
         # A copy: ``hidden[:, -1]`` is a view of the whole (B, T, d) hidden state, and on CPU ``.numpy()`` shares
-        # its memory, so a cached row would keep the batch's hidden state alive (it did: the actor grew by
-        # ~30 KB per item with the tiny model; B * T * d floats per batch with a real one).
+        # its memory, so anything kept from it would keep the batch's hidden state alive (before the cache had
+        # its slab, cached rows did: the actor grew by ~30 KB per item with the tiny model).
         return np.array(t.detach().float().cpu().numpy(), dtype=np.float32, copy=True)
 
     # ------------------------------------------------------------------ encode
@@ -219,9 +241,8 @@ class BatchEncoder:
                             self.encoder.encode_image_sequences([images[todo[j]] for j in c]))
                     done, errs = self._run(fn, self._chunks([keys[i] for i in todo], shapes))
                     for j, vec in done.items():
-                        vec = vec.copy()  # own its d floats, not a view of the chunk's (B, d) output
-                        fresh[keys[todo[j]]] = vec
-                        cache.put(keys[todo[j]], vec)
+                        fresh[keys[todo[j]]] = vec  # a row of this chunk's (B, d) output, for this call only
+                        cache.put(keys[todo[j]], vec)  # copied into the cache's slab
                         (n_text if which == "text" else n_image)[todo[j]] = 1
                     for j, msg in errs.items():
                         errors.setdefault(todo[j], f"{which} encode failed: {msg}")
@@ -257,7 +278,6 @@ class BatchEncoder:
             done, errs = self._run(lambda c: self._to_numpy(self.encoder.encode_interleaved(
                 [titles[todo[j]] for j in c], [images[todo[j]] for j in c])), self._chunks([keys[i] for i in todo], shapes))
             for j, vec in done.items():
-                vec = vec.copy()
                 fresh[keys[todo[j]]] = vec
                 self.joint_cache.put(keys[todo[j]], vec)
             for j, msg in errs.items():

@@ -141,8 +141,61 @@ def test_internal_fusion_uses_the_interleaved_prompt(encoder: VLM2RecEncoder, ro
 
 
 def test_cache_holds_only_the_embeddings(encoder: VLM2RecEncoder, rows: pa.Table) -> None:
-    """Cached vectors own their d floats: a view would keep the batch's (B, T, d) hidden state alive."""
+    """The cache copies each vector into its own slab: nothing it keeps refers to a batch's hidden state, and
+    what it serves equals what the batch returned."""
     core = BatchEncoder(encoder, batch_size=8)
-    core.embed_table(rows)
-    cached = [*core.text_cache.data.values(), *core.image_cache.data.values()]
-    assert cached and all(v.base is None and v.nbytes == 4 * core.dim for v in cached)
+    out = core.embed_table(rows)
+    ok = [i for i, s in enumerate(out.column("status").to_pylist()) if s == "encoded"]
+    assert ok and len(core.text_cache) and len(core.image_cache)
+    for cache in (core.text_cache, core.image_cache):
+        assert cache.slab is not None and cache.slab.base is None and cache.slab.flags.owndata
+    emb_text = out.column("emb_text").to_pylist()
+    for i in ok:
+        cached = core.text_cache.get(rows.column("text_key")[i].as_py())
+        assert cached is not None and np.array_equal(cached, np.asarray(emb_text[i], np.float32))
+
+
+def test_lru_cache_evicts_least_recent_and_reuses_its_slab_row() -> None:
+    from vlm2rec_ray.embed.predictor import _LRU
+
+    c = _LRU(2, 3)
+    c.put("a", np.full(3, 1, np.float32))
+    c.put("b", np.full(3, 2, np.float32))
+    got = c.get("a")  # "a" is now the most recent
+    assert got is not None and got.tolist() == [1, 1, 1]
+    got[:] = 9  # a copy: the cache is not changed through it
+    c.put("c", np.full(3, 3, np.float32))  # evicts "b", takes its row
+    assert c.get("b") is None and len(c) == 2
+    assert c.get("a").tolist() == [1, 1, 1] and c.get("c").tolist() == [3, 3, 3]
+    c.put("a", np.full(3, 4, np.float32))  # update in place
+    assert c.get("a").tolist() == [4, 4, 4] and len(c) == 2
+    off = _LRU(0, 3)
+    off.put("a", np.ones(3, np.float32))
+    assert off.get("a") is None and len(off) == 0
+
+
+@pytest.mark.parametrize("dim", [64, 1024])
+def test_cache_mib_bounds_the_caches_real_footprint(dim: int) -> None:
+    """A full cache (slab, keys, LRU order), measured with tracemalloc, stays within cache_mib."""
+    import hashlib
+    import tracemalloc
+
+    from vlm2rec_ray.embed.predictor import _ENTRY_OVERHEAD, _LRU
+
+    cache_mib = 2
+    entries = cache_mib * (1 << 20) // (4 * dim + _ENTRY_OVERHEAD)
+    vec = np.ones(dim, np.float32)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        c = _LRU(entries, dim)
+        for i in range(entries + 100):  # full, then evicting
+            c.put(hashlib.sha256(str(i).encode()).hexdigest(), vec)  # 64-char keys, as text_key/image_key
+        used = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    print(f"\nd={dim}: {entries} entries use {used / 2**20:.2f} MiB of cache_mib={cache_mib} "
+          f"({used / entries - 4 * dim:.0f} B per entry besides the floats)")
+    assert len(c) == entries
+    assert used <= cache_mib * (1 << 20)
+    assert used >= 0.6 * cache_mib * (1 << 20)  # the budget is used, not wildly overestimated
