@@ -258,40 +258,57 @@ def _process_group(p) -> str:  # type: ignore[no-untyped-def]
     return head[:60]
 
 
-def _session_pss(root_pid: int) -> tuple[float, float, dict[str, float]]:
-    """``(driver RSS, summed PSS of the driver and all its descendants, PSS by process group)`` in MiB."""
+def _session_pss(root_pid: int) -> tuple[float, float, dict[str, float], float, dict[str, float]]:
+    """``(driver RSS, summed PSS of the driver and all its descendants, PSS by process group, summed USS,
+    USS by process group)`` in MiB.
+
+    PSS splits shared pages (the object store's shared memory, which every worker that reads or writes a
+    block maps, and shared libraries) among the processes that map them; USS counts only a process's private
+    pages. A process whose PSS grows while its USS stays flat is mapping more object-store pages, which the
+    store's size (``object_store_memory``) bounds, not leaking.
+    """
     import psutil
 
     me = psutil.Process(root_pid)
-    total = 0.0
+    total = total_uss = 0.0
     groups: dict[str, float] = {}
+    uss_groups: dict[str, float] = {}
     for p in [me, *me.children(recursive=True)]:
         try:
-            pss = p.memory_full_info().pss / 2**20
+            info = p.memory_full_info()
+            pss, uss = info.pss / 2**20, info.uss / 2**20
             name = "driver" if p.pid == root_pid else _process_group(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
         total += pss
+        total_uss += uss
         groups[name] = groups.get(name, 0.0) + pss
-    return me.memory_info().rss / 2**20, total, groups
+        uss_groups[name] = uss_groups.get(name, 0.0) + uss
+    return me.memory_info().rss / 2**20, total, groups, total_uss, uss_groups
 
 
 @contextlib.contextmanager
 def peak_memory(*, digits: int | None = 1, every_s: float = 0.25) -> Iterator[dict]:
     """Sample :func:`_session_pss` every ``every_s`` seconds while the block runs; the yielded dict holds the
-    peaks when it exits: ``driver_rss_mib``, ``tree_pss_mib`` and ``by_process_at_peak`` (MiB, rounded to
-    ``digits``; None = whole MiB as int)."""
-    peaks: dict = {"driver_rss_mib": 0.0, "tree_pss_mib": 0.0, "by_process_at_peak": {}}
+    peaks when it exits: ``driver_rss_mib``, ``tree_pss_mib``, ``by_process_at_peak`` (PSS),
+    ``tree_uss_mib`` and ``by_process_uss_at_peak`` (MiB, rounded to ``digits``; None = whole MiB as int)."""
+    peaks: dict = {"driver_rss_mib": 0.0, "tree_pss_mib": 0.0, "by_process_at_peak": {}, "tree_uss_mib": 0.0,
+                   "by_process_uss_at_peak": {}}
     stop = threading.Event()
+
+    def ordered(groups: dict[str, float]) -> dict[str, float]:
+        return {k: round(v, digits) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])}
 
     def sample() -> None:
         while not stop.is_set():
-            rss, pss, groups = _session_pss(os.getpid())
+            rss, pss, groups, uss, uss_groups = _session_pss(os.getpid())
             peaks["driver_rss_mib"] = max(peaks["driver_rss_mib"], rss)
             if pss > peaks["tree_pss_mib"]:
                 peaks["tree_pss_mib"] = pss
-                peaks["by_process_at_peak"] = {k: round(v, digits) for k, v in
-                                               sorted(groups.items(), key=lambda kv: -kv[1])}
+                peaks["by_process_at_peak"] = ordered(groups)
+            if uss > peaks["tree_uss_mib"]:
+                peaks["tree_uss_mib"] = uss
+                peaks["by_process_uss_at_peak"] = ordered(uss_groups)
             stop.wait(every_s)
 
     t = threading.Thread(target=sample, daemon=True)
