@@ -83,7 +83,8 @@ def child(args: argparse.Namespace) -> dict:
     return {"items": args.items, "ok": s["ok"], "failed": s["failed"], "wall_s": round(wall, 1),
             "items_per_s": round(s["input_rows"] / wall, 1), "tree_pss_mib": round(peaks["tree_pss_mib"], 1),
             "driver_rss_mib": round(peaks["driver_rss_mib"], 1), "by_process_at_peak": peaks["by_process_at_peak"],
-            "tree_uss_mib": round(peaks["tree_uss_mib"], 1), "by_process_uss_at_peak": peaks["by_process_uss_at_peak"],
+            "tree_private_mib": round(peaks["tree_private_mib"], 1),
+            "by_process_private_at_peak": peaks["by_process_private_at_peak"],
             "driver_maxrss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
@@ -122,13 +123,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['failed']}); peak PSS of the process tree {row['tree_pss_mib']:.0f} MiB, driver RSS peak "
                   f"{row['driver_rss_mib']:.0f} MiB; catalog built in {built:.2f} s\n         at the peak (MiB): "
                   + ", ".join(f"{k} {v}" for k, v in list(row["by_process_at_peak"].items())[:8])
-                  + f"\n         private memory (USS) of the tree, peak {row['tree_uss_mib']:.0f} MiB; at its peak: "
-                  + ", ".join(f"{k} {v}" for k, v in list(row["by_process_uss_at_peak"].items())[:8]), flush=True)
+                  + f"\n         private memory (USS less object-store pages) of the tree, peak {row['tree_private_mib']:.0f} "
+                  "MiB; at its peak: "
+                  + ", ".join(f"{k} {v}" for k, v in list(row["by_process_private_at_peak"].items())[:8]), flush=True)
             rows.append(row)
     if len(rows) > 1:
         lo, hi = rows[0], rows[-1]
         print(f"memory flatness: tree PSS {hi['items']} / {lo['items']} items = "
-              f"{hi['tree_pss_mib'] / lo['tree_pss_mib']:.2f}; tree USS = {hi['tree_uss_mib'] / lo['tree_uss_mib']:.2f}; "
+              f"{hi['tree_pss_mib'] / lo['tree_pss_mib']:.2f}; tree private memory = "
+              f"{hi['tree_private_mib'] / lo['tree_private_mib']:.2f}; "
               f"driver RSS = {hi['driver_rss_mib'] / lo['driver_rss_mib']:.2f}")
     print(json.dumps(rows))
     return 0

@@ -258,42 +258,67 @@ def _process_group(p) -> str:  # type: ignore[no-untyped-def]
     return head[:60]
 
 
+def _object_store_pages(pid: int) -> float:
+    """MiB of the object store's shared memory (``/dev/shm/plasma*``) that process ``pid`` alone maps.
+
+    Blocks a task reads or writes are pages of that mapping; the kernel counts them as the process's private
+    memory (USS) when no other process maps them at the moment, so a write task holding a file's worth of
+    blocks looks like it grew although it allocated nothing. Those pages belong to the object store, which
+    ``object_store_memory`` bounds (and which spills to disk beyond it).
+    """
+    kib = 0
+    in_store = False
+    try:
+        with open(f"/proc/{pid}/smaps", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
+                    in_store = "plasma" in line
+                elif in_store and line.startswith(("Private_Clean:", "Private_Dirty:")):
+                    kib += int(line.split()[1])
+    except OSError:
+        return 0.0
+    return kib / 1024
+
+
 def _session_pss(root_pid: int) -> tuple[float, float, dict[str, float], float, dict[str, float]]:
-    """``(driver RSS, summed PSS of the driver and all its descendants, PSS by process group, summed USS,
-    USS by process group)`` in MiB.
+    """``(driver RSS, summed PSS of the driver and all its descendants, PSS by process group, summed private
+    memory, private memory by process group)`` in MiB.
 
     PSS splits shared pages (the object store's shared memory, which every worker that reads or writes a
-    block maps, and shared libraries) among the processes that map them; USS counts only a process's private
-    pages. A process whose PSS grows while its USS stays flat is mapping more object-store pages, which the
-    store's size (``object_store_memory``) bounds, not leaking.
+    block maps, and shared libraries) among the processes that map them. "Private memory" is USS (pages only
+    this process maps) less the object store's pages (see :func:`_object_store_pages`): what the process
+    itself allocated (heap, anonymous maps), the number a leak would show in.
     """
     import psutil
 
     me = psutil.Process(root_pid)
-    total = total_uss = 0.0
+    total = total_private = 0.0
     groups: dict[str, float] = {}
-    uss_groups: dict[str, float] = {}
+    private_groups: dict[str, float] = {}
     for p in [me, *me.children(recursive=True)]:
         try:
             info = p.memory_full_info()
-            pss, uss = info.pss / 2**20, info.uss / 2**20
+            pss = info.pss / 2**20
+            uss = info.uss / 2**20
+            private = uss - _object_store_pages(p.pid) if uss > 100 else uss  # (smaps is slow to read)
             name = "driver" if p.pid == root_pid else _process_group(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
         total += pss
-        total_uss += uss
+        total_private += private
         groups[name] = groups.get(name, 0.0) + pss
-        uss_groups[name] = uss_groups.get(name, 0.0) + uss
-    return me.memory_info().rss / 2**20, total, groups, total_uss, uss_groups
+        private_groups[name] = private_groups.get(name, 0.0) + private
+    return me.memory_info().rss / 2**20, total, groups, total_private, private_groups
 
 
 @contextlib.contextmanager
 def peak_memory(*, digits: int | None = 1, every_s: float = 0.25) -> Iterator[dict]:
     """Sample :func:`_session_pss` every ``every_s`` seconds while the block runs; the yielded dict holds the
     peaks when it exits: ``driver_rss_mib``, ``tree_pss_mib``, ``by_process_at_peak`` (PSS),
-    ``tree_uss_mib`` and ``by_process_uss_at_peak`` (MiB, rounded to ``digits``; None = whole MiB as int)."""
-    peaks: dict = {"driver_rss_mib": 0.0, "tree_pss_mib": 0.0, "by_process_at_peak": {}, "tree_uss_mib": 0.0,
-                   "by_process_uss_at_peak": {}}
+    ``tree_private_mib`` and ``by_process_private_at_peak`` (private memory less object-store pages, see
+    :func:`_session_pss`; MiB, rounded to ``digits``; None = whole MiB as int)."""
+    peaks: dict = {"driver_rss_mib": 0.0, "tree_pss_mib": 0.0, "by_process_at_peak": {}, "tree_private_mib": 0.0,
+                   "by_process_private_at_peak": {}}
     stop = threading.Event()
 
     def ordered(groups: dict[str, float]) -> dict[str, float]:
@@ -301,14 +326,14 @@ def peak_memory(*, digits: int | None = 1, every_s: float = 0.25) -> Iterator[di
 
     def sample() -> None:
         while not stop.is_set():
-            rss, pss, groups, uss, uss_groups = _session_pss(os.getpid())
+            rss, pss, groups, private, private_groups = _session_pss(os.getpid())
             peaks["driver_rss_mib"] = max(peaks["driver_rss_mib"], rss)
             if pss > peaks["tree_pss_mib"]:
                 peaks["tree_pss_mib"] = pss
                 peaks["by_process_at_peak"] = ordered(groups)
-            if uss > peaks["tree_uss_mib"]:
-                peaks["tree_uss_mib"] = uss
-                peaks["by_process_uss_at_peak"] = ordered(uss_groups)
+            if private > peaks["tree_private_mib"]:
+                peaks["tree_private_mib"] = private
+                peaks["by_process_private_at_peak"] = ordered(private_groups)
             stop.wait(every_s)
 
     t = threading.Thread(target=sample, daemon=True)
