@@ -74,11 +74,13 @@ def test_storage_faults_every_row_once_and_retries_counted(moto_endpoint: str, r
     storage.s3_client(moto_endpoint).create_bucket(Bucket=bucket)
     generate_synthetic(f"s3://{bucket}/ds", num_items=N, num_users=4, seed=1, image_size=32)
     catalog_ids = sorted(storage.read_parquet(f"s3://{bucket}/ds/catalog.parquet").column("item_id").to_pylist())
+    storage.upload_dir(tiny_backbone_dir, f"s3://{bucket}/model", endpoint=moto_endpoint)
     plan = FaultPlan(error_rate=0.15, drop_rate=0.03, slow_rate=0.03, slow_s=0.1, seed=3)
     with FaultProxy(moto_endpoint, plan) as proxy:
-        # Everything of the run goes through the proxy: catalog read, census, image GETs, Parquet writes, manifest.
-        s = run_embed_items(_cfg(tiny_backbone_dir, f"dataset_uri=s3://{bucket}/ds", f"output_uri=s3://{bucket}/emb",
-                                 f"endpoint_url={proxy.url}"))
+        # Everything of the run goes through the proxy: the model's config (driver) and weights (actor), catalog
+        # read, census, image GETs, Parquet writes, manifest.
+        s = run_embed_items(_cfg(tiny_backbone_dir, f"model.name=s3://{bucket}/model", f"dataset_uri=s3://{bucket}/ds",
+                                 f"output_uri=s3://{bucket}/emb", f"endpoint_url={proxy.url}"))
     text = format_summary(s)
     print(f"\nfault proxy: {plan.counts}; summary storage_retries={s['storage_retries']}\n{text}")
     assert plan.counts["error"] + plan.counts["drop"] >= 5, plan.counts  # the faults really happened
@@ -86,7 +88,8 @@ def test_storage_faults_every_row_once_and_retries_counted(moto_endpoint: str, r
     # Every S3 request of the run goes through storage.py's boto3 clients (Parquet too), which retry each
     # injected fault exactly once (the proxy fails a request before forwarding it, so a retry never repeats
     # work; a request out of retries would have failed the run), and every retry is counted: in the driver,
-    # the census task, the read / fetch / write tasks (in-band, via the storage_retries column and the sink).
+    # the census task, the model actor's download, the read / fetch / write tasks (in-band, via the
+    # storage_retries column and the sink).
     assert s["storage_retries"] == plan.counts["error"] + plan.counts["drop"], (s["storage_retries"], plan.counts)
     assert f"{s['storage_retries']} S3 retries" in text
     t = read_embeddings(f"s3://{bucket}/emb/items", endpoint=moto_endpoint)  # read back without the proxy

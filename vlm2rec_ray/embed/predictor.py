@@ -410,7 +410,12 @@ class EmbedPredictor:
         self._batches = 0
         if torch_threads:
             torch.set_num_threads(torch_threads)  # fixed thread count: part of CPU determinism
+        from vlm2rec_ray import storage
+
+        retries_before = storage.retry_attempts()
         encoder = load_encoder(cfg, gpus)
+        # S3 retries of downloading an s3:// model: reported on this actor's first output row (see __call__)
+        self._load_retries = storage.retry_attempts() - retries_before
         if encoder.hidden_size != dim:
             raise ValueError(f"model {cfg.model.name!r} has hidden size {encoder.hidden_size}, but the run was "
                              f"planned for {dim}; the model changed under the job, re-run it")
@@ -420,7 +425,14 @@ class EmbedPredictor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self._exit_after is not None:
             self._maybe_exit()
-        return self.core.embed_table(batch)
+        out = self.core.embed_table(batch)
+        if self._load_retries and out.num_rows:
+            retries = out.column("storage_retries").fill_null(0).to_numpy(zero_copy_only=False).astype(np.int32)
+            retries[0] += self._load_retries
+            out = out.set_column(out.schema.get_field_index("storage_retries"), "storage_retries",
+                                 pa.array(retries, pa.int32()))
+            self._load_retries = 0
+        return out
 
     def _maybe_exit(self) -> None:
         """Testing aid (``inject_actor_exit_after_batches``): before batch N+1 this actor process exits hard,
