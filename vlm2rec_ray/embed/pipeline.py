@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 _JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")
 _REQUIRED = {"items": ("item_id", "title", "image_uri"), "sequences": ("user_id", "history", "target")}
 _WRITE_CPUS = 0.25  # write tasks are I/O bound; keep CPUs for fetch/decode and the model actors
+_MIN_WRITE_BLOCK_BYTES = 1 << 20  # rows reach the sinks in blocks of at least this size (see _write)
+_SCAN_ROW_BYTES = 300  # a staged scan row: key, hashes, status, title and URI (see preprocess.SCAN_ROW_SCHEMA)
 
 
 class EmbedFailureError(RuntimeError):
@@ -254,6 +256,11 @@ class RunPlan:
     retry_refs: list[Any] = field(default_factory=list)  # ObjectRefs of the index tasks' S3 retries
 
     @property
+    def row_bytes(self) -> int:
+        """About what one output row weighs in memory: three d-float embeddings plus ids and metadata."""
+        return row_bytes(self.dim)
+
+    @property
     def run_uri(self) -> str:
         return snapshot.run_uri(self.root, self.dt, self.run_id)
 
@@ -316,6 +323,11 @@ def ensure_ray() -> None:
         init_local_ray()
 
 
+def row_bytes(dim: int) -> int:
+    """About what one output row weighs in memory: three ``dim``-float32 embeddings plus ids and metadata."""
+    return 3 * 4 * dim + 200
+
+
 def plan_run(cfg: EmbedJobConfig, kind: str) -> RunPlan:
     """Resolve inputs, model size, previous snapshot and resources for a run of ``kind``."""
     import ray
@@ -340,8 +352,7 @@ def plan_run(cfg: EmbedJobConfig, kind: str) -> RunPlan:
         ensure_ray()  # the default needs the cluster's resources
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     threads = None if gpus > 0 else max(1, int(cfg.cpus_per_actor))
-    row_bytes = 3 * 4 * dim + 200
-    rows_per_file = cfg.rows_per_file or max(1000, cfg.target_file_mib * (1 << 20) // row_bytes)
+    rows_per_file = cfg.rows_per_file or max(1000, cfg.target_file_mib * (1 << 20) // row_bytes(dim))
     root = snapshot.kind_uri(cfg.output_uri, kind)
     dt = cfg.dt or snapshot.today_utc()
     previous = snapshot.latest_manifest(root, on_or_before=dt, endpoint=endpoint) if cfg.incremental else None
@@ -572,7 +583,7 @@ def _run(cfg: EmbedJobConfig, kind: str, progress: Callable[[str], None] | None)
             if cfg.incremental:
                 scan = _incremental(plan, sink, write_args, say)
             else:
-                _write(build_item_pipeline(plan), sink, write_args)
+                _write(build_item_pipeline(plan), sink, write_args, row_bytes=plan.row_bytes)
         except BaseException as e:
             root = _user_error(e)
             _abandon(plan, f"{type(root).__name__}: {root}")
@@ -638,8 +649,16 @@ def _abandon(plan: RunPlan, error: str) -> None:
         log.warning("could not mark run %s failed: %s", plan.run_id, e)
 
 
-def _write(ds: ray.data.Dataset, sink: Any, write_args: dict[str, Any]) -> None:
-    ds.write_datasink(sink, ray_remote_args=dict(write_args))
+def _write(ds: ray.data.Dataset, sink: Any, write_args: dict[str, Any], *, row_bytes: int) -> None:
+    """Write ``ds`` through ``sink`` in blocks of at least :data:`_MIN_WRITE_BLOCK_BYTES`.
+
+    A sink's write task starts once it has a file's worth of rows (``min_rows_per_write``). Blocks under
+    Ray's 100 KB inline limit (a batch of a small model's sink rows, or of scan rows) are kept in their
+    owner's memory, the driver's, until then; coalesced (streaming, no shuffle) into blocks of >= 1 MiB they
+    wait in the object store instead, which spills to disk when full.
+    """
+    rows = max(1, _MIN_WRITE_BLOCK_BYTES // max(1, row_bytes))
+    ds.repartition(target_num_rows_per_block=rows).write_datasink(sink, ray_remote_args=dict(write_args))
 
 
 def _incremental(plan: RunPlan, sink: Any, write_args: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
@@ -657,7 +676,7 @@ def _incremental(plan: RunPlan, sink: Any, write_args: dict[str, Any], say: Call
     scan_sink = ScanSink(uri=snapshot.staging_uri(plan.root, plan.dt, plan.run_id, "scan"), endpoint=plan.endpoint,
                          schema=preprocess.SCAN_ROW_SCHEMA)
     scan_ds = _prepare(plan, _input_dataset(plan), "scan", prev_index=[prev_ref] if prev_ref is not None else None)
-    _write(scan_ds, scan_sink, write_args)
+    _write(scan_ds, scan_sink, write_args, row_bytes=_SCAN_ROW_BYTES)
     scan = scan_sink.result or {"counts": {}, "files": {g: [] for g in SCAN_GROUPS}}
     sc = scan["counts"]
     say("scan: " + ", ".join(f"{k}={sc.get(k, 0)}" for k in ("new", "changed", "unchanged", "failed")))
@@ -681,7 +700,7 @@ def _incremental(plan: RunPlan, sink: Any, write_args: dict[str, Any], say: Call
                                           batch_format="pyarrow", batch_size=None, num_cpus=0.25))
     if branches:
         ds = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
-        _write(ds, sink, write_args)
+        _write(ds, sink, write_args, row_bytes=plan.row_bytes)
     return scan
 
 
