@@ -9,17 +9,16 @@ images mean each distinct image is decoded and encoded once per fetch batch / ac
 the pipeline's per-row cost (read, fetch, hash, title forward, Parquet write, manifest), not image forwards.
 
 Each size runs in a fresh child process that starts its own local Ray and samples, every 0.25 s, the summed
-PSS of the child (the driver) and all its descendants (GCS, raylet, workers: the whole process tree), via
+PSS of the child (the driver) and all its descendants (GCS, raylet, workers: the whole process tree) and
+their private memory (USS less the object store's pages mapped by one process only), via
 ``benchmarks/embed_pipeline.py``'s ``_session_pss``. It prints items/s (input rows / wall time of
-``run_embed_items``, Ray start-up excluded, model actor start-up included), the peak tree PSS, the driver's
-peak RSS and the ratio of the peaks between the largest and smallest size (flat memory: close to 1).
+``run_embed_items``, Ray start-up excluded, model actor start-up included), the peak tree PSS and private
+memory, the driver's peak RSS and the ratio of the peaks between the largest and smallest size.
 
-Measured 2026-11-23 on the shared 2-core box (load average 2-9 from other work; wall times vary ~1.5x):
-100_000 items in 115-285 s (351-867 items/s; 10_000 items 352-531 items/s, mostly start-up). Driver RSS is
-flat (415-434 MiB, ratio 1.02-1.05); the whole tree's PSS is not (1.8-1.9 GiB at 10k, 2.3-2.4 GiB at 100k,
-ratio 1.23-1.37): with the default rows_per_file (~277k rows of d=64 per 256 MiB file) the write task held
-~800 MiB at the 100k peak; with rows_per_file=10000 the model actor grew instead (454 -> 904 MiB; 490 -> 731
-MiB with cache_mib=16), growth not yet attributed (object-store pages mapped into the actor is a guess).
+Measured 2026-11-23 on the shared 2-core box (see benchmarks/RESULTS.md): 100_000 items at 982 items/s;
+driver RSS 418 -> 431 MiB (1.03x), the tree's private memory 1571 -> 1674 MiB (1.07x), the model actor flat
+(385 -> 389 MiB). Tree PSS grows 1.29x: the write task maps one output file's worth of blocks in the object
+store (default rows_per_file ~277k rows of d=64), pages bounded by ``object_store_memory``, not by the catalog.
 """
 
 from __future__ import annotations

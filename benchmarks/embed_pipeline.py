@@ -18,9 +18,10 @@ The default model is a random 17M-parameter Qwen2.5-VL (``--model-size small``),
 forward pass bounds the run, as a real backbone on a GPU does. With the 0.2M test model (``tiny``) a forward
 costs less CPU than GETting the image from the moto server on the same box, so that ratio measures moto.
 
-Memory mode runs each catalog size in a fresh process and samples, every 0.25 s, the driver's RSS and the
-summed PSS of every process of the Ray instance (driver, GCS, raylet, workers; not the moto server), and
-prints the peaks and their ratio between the largest and smallest size (target <= 1.2).
+Memory mode runs each catalog size in a fresh process and samples, every 0.25 s, the driver's RSS, the
+summed PSS of every process of the Ray instance (driver, GCS, raylet, workers; not the moto server) and their
+summed private memory (USS less object-store pages, see ``_session_pss``), and prints the peaks and their
+ratio between the largest and smallest size (target <= 1.2).
 
 On the 2-core CI box the model actor holds one core; fetch/decode tasks, Ray's own processes, the Parquet
 writer and the moto server share the other, so the figures there measure that box as much as the pipeline.
@@ -383,13 +384,14 @@ def memory(args: argparse.Namespace) -> list[dict]:
             out = subprocess.run(cmd, check=True, capture_output=True, text=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{n:>7} items: driver RSS peak {row['driver_rss_mib']:.0f} MiB, Ray instance PSS peak "
-                  f"{row['ray_pss_mib']:.0f} MiB ({row['wall_s']} s); at the peak: "
-                  + ", ".join(f"{k} {v:.0f}" for k, v in list(row["by_process_at_peak"].items())[:8]), flush=True)
+                  f"{row['ray_pss_mib']:.0f} MiB, private memory peak {row['tree_private_mib']:.0f} MiB "
+                  f"({row['wall_s']} s); PSS at the peak: "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in list(row["by_process_at_peak"].items())[:6]), flush=True)
             rows.append(row)
     finally:
         proc.terminate()
     lo, hi = rows[0], rows[-1]
-    for k in ("driver_rss_mib", "ray_pss_mib"):
+    for k in ("driver_rss_mib", "ray_pss_mib", "tree_private_mib"):
         print(f"{k}: {hi['items']} / {lo['items']} items = {hi[k] / lo[k]:.2f} (target <= 1.2)")
     return rows
 
