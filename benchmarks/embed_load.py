@@ -15,9 +15,9 @@ their private memory (USS less the object store's pages mapped by one process on
 ``run_embed_items``, Ray start-up excluded, model actor start-up included), the peak tree PSS and private
 memory, the driver's peak RSS and the ratio of the peaks between the largest and smallest size.
 
-Measured 2026-11-23 on the shared 2-core box (see benchmarks/RESULTS.md): 100_000 items at 982 items/s;
-driver RSS 418 -> 431 MiB (1.03x), the tree's private memory 1571 -> 1674 MiB (1.07x), the model actor flat
-(385 -> 389 MiB). Tree PSS grows 1.29x: the write task maps one output file's worth of blocks in the object
+Measured 2026-11-23 on the shared 2-core box (see benchmarks/RESULTS.md): 100_000 items at 868-982 items/s;
+driver RSS 1.03-1.05x from 10k to 100k, the tree's private memory 1.07-1.08x (~1.57 -> ~1.69 GiB), the model
+actor flat (~390 MiB). Tree PSS grows 1.29x: the write task maps one output file's worth of blocks in the object
 store (default rows_per_file ~277k rows of d=64), pages bounded by ``object_store_memory``, not by the catalog.
 """
 
