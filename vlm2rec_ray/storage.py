@@ -196,11 +196,18 @@ def read_bytes(uri: str, *, endpoint: str | None = None, root: str | None = None
             raise StorageError(f"{uri} is over the cap of {max_bytes} bytes", "too_large")
         return data
     path = resolve_local(uri, root)
-    try:
+    with _local_errors(path):
         size = path.stat().st_size
         if max_bytes is not None and size > max_bytes:
             raise StorageError(f"{uri} is {size} bytes, over the cap of {max_bytes}", "too_large")
         return path.read_bytes()
+
+
+@contextlib.contextmanager
+def _local_errors(path: Path) -> Iterator[None]:
+    """Local file errors as :class:`StorageError`: ``missing`` (no such file, or a directory) or ``denied``."""
+    try:
+        yield
     except FileNotFoundError as e:
         raise StorageError(f"file not found: {path}", reason="missing") from e
     except PermissionError as e:
@@ -228,12 +235,8 @@ def open_read(uri: str, *, endpoint: str | None = None) -> Iterator[BinaryIO]:
             body.close()
         return
     path = resolve_local(uri)
-    try:
+    with _local_errors(path):
         f = path.open("rb")
-    except FileNotFoundError as e:
-        raise StorageError(f"file not found: {path}", reason="missing") from e
-    except PermissionError as e:
-        raise StorageError(f"permission denied: {path}", reason="denied") from e
     with f:
         yield f
 
@@ -527,11 +530,8 @@ def open_input_file(uri: str, *, endpoint: str | None = None, block_size: int = 
     if path.is_dir():
         raise StorageError(f"expected a file, got a directory: {path}", reason="missing")
     try:
-        return pa.OSFile(str(path), "rb")
-    except FileNotFoundError as e:
-        raise StorageError(f"file not found: {path}", reason="missing") from e
-    except PermissionError as e:
-        raise StorageError(f"permission denied: {path}", reason="denied") from e
+        with _local_errors(path):
+            return pa.OSFile(str(path), "rb")
     except OSError as e:
         raise StorageError(f"opening {path} failed: {e}", reason="io_error") from e
 
