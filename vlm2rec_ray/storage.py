@@ -251,10 +251,16 @@ def write_bytes(uri: str, data: bytes, *, endpoint: str | None = None) -> None:
             raise _s3_error(uri, e) from e
         return
     path = resolve_local(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    tmp = temp_beside(path)
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def temp_beside(dest: Path) -> Path:
+    """A temporary name next to ``dest`` (its directory created), to write to and then ``os.replace`` onto
+    ``dest``: same directory, so the rename is atomic and readers never see a partial file."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{threading.get_ident()}")
 
 
 def exists(uri: str, *, endpoint: str | None = None) -> bool:
@@ -551,8 +557,7 @@ def put_file(path: str | os.PathLike[str], uri: str, *, endpoint: str | None = N
     size = os.path.getsize(path)
     if not is_s3(uri):
         dest = resolve_local(uri)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        tmp = temp_beside(dest)
         try:
             shutil.copyfile(path, tmp)
             os.replace(tmp, dest)
@@ -590,12 +595,19 @@ def put_file(path: str | os.PathLike[str], uri: str, *, endpoint: str | None = N
     return size
 
 
+def new_spool_path(suffix: str = "") -> str:
+    """A new, empty temporary local file (under ``tempfile.gettempdir()``) for the caller to fill and remove:
+    where an S3 write is built before :func:`put_file` uploads it (see also :func:`spool_file`)."""
+    fd, name = tempfile.mkstemp(prefix="vlm2rec-spool-", suffix=suffix)
+    os.close(fd)
+    return name
+
+
 @contextlib.contextmanager
 def spool_file(suffix: str = "") -> Iterator[str]:
     """A path for a temporary local file (under ``tempfile.gettempdir()``), removed on exit: where an S3
     write is built before :func:`put_file` uploads it."""
-    fd, name = tempfile.mkstemp(prefix="vlm2rec-spool-", suffix=suffix)
-    os.close(fd)
+    name = new_spool_path(suffix)
     try:
         yield name
     finally:
@@ -654,8 +666,7 @@ def write_parquet(table: pyarrow.Table, uri: str, *, endpoint: str | None = None
             put_file(spool, uri, endpoint=endpoint)
         return
     path = resolve_local(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    tmp = temp_beside(path)
     pq.write_table(table, str(tmp))
     os.replace(tmp, path)
 

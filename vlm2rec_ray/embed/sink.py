@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
-import uuid
 from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -64,12 +62,9 @@ class _PartWriter:
 
         if self._writer is None:
             if storage.is_s3(self.uri):
-                fd, self._tmp = tempfile.mkstemp(prefix="vlm2rec-spool-", suffix=".parquet")
-                os.close(fd)
+                self._tmp = storage.new_spool_path(".parquet")
             else:
-                path = storage.resolve_local(self.uri)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self._tmp = str(path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"))
+                self._tmp = str(storage.temp_beside(storage.resolve_local(self.uri)))
             self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
         self._writer.write_table(table.cast(self.schema))
         self.rows += table.num_rows
