@@ -3,11 +3,18 @@
 Ray 2.60 on a single box needs a few settings to stay on 127.0.0.1 and inside a writable temp dir, and
 DeepSpeed's JIT ops want a cache dir. :func:`configure_local_env` sets them (without overriding what the
 user already exported) and :func:`init_local_ray` starts a private local Ray instance.
+:func:`returning_freed_memory` keeps a long-running driver's RSS at what it uses (glibc ``malloc_trim``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import functools
 import os
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +69,48 @@ def init_local_ray(num_cpus: int | None = None, **kwargs: Any) -> Any:
         log_to_driver=kwargs.pop("log_to_driver", True),
         **kwargs,
     )
+
+
+@functools.cache
+def malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim(pad)`` (hands the free pages of every malloc arena back to the OS), or None where
+    the C library has none (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    try:
+        fn = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+@contextlib.contextmanager
+def returning_freed_memory(every_s: float = 5.0, *, trim: Callable[[int], int] | None = None) -> Iterator[None]:
+    """While the block runs, return the C heap's free pages to the OS every ``every_s`` seconds, and once at
+    the end (``trim``: the function to call, default :func:`malloc_trim`).
+
+    Why: the embed driver (Ray Data's executor, Ray's core worker threads) allocates and frees native memory
+    for every task and block, and glibc keeps the freed chunks in its arenas. After a 20k-item run the driver
+    held 71 MiB of free chunks (2k items: 11 MiB) around the same ~50 MiB in use (``mallinfo2``); one
+    ``malloc_trim(0)`` took both drivers to 265 MiB RSS. Trimming costs milliseconds and touches no live data.
+    A no-op where the C library has no ``malloc_trim``.
+    """
+    fn = trim if trim is not None else malloc_trim()
+    if fn is None or every_s <= 0:
+        yield
+        return
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(every_s):
+            fn(0)
+
+    thread = threading.Thread(target=loop, name="vlm2rec-malloc-trim", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        fn(0)

@@ -48,6 +48,7 @@ from vlm2rec_ray import storage
 from vlm2rec_ray.config import EmbedJobConfig, config_hash
 from vlm2rec_ray.embed import incremental, reader, snapshot
 from vlm2rec_ray.embed.schema import KEY_COLUMN, errors_schema, output_schema, schema_to_json
+from vlm2rec_ray.runtime import returning_freed_memory
 
 if TYPE_CHECKING:
     import ray.data
@@ -58,6 +59,7 @@ _JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")
 _REQUIRED = {"items": ("item_id", "title", "image_uri"), "sequences": ("user_id", "history", "target")}
 _WRITE_CPUS = 0.25  # write tasks are I/O bound; keep CPUs for fetch/decode and the model actors
 _MIN_WRITE_BLOCK_BYTES = 1 << 20  # rows reach the sinks in blocks of at least this size (see _write)
+_TRIM_EVERY_S = 5.0  # the driver returns freed heap pages to the OS this often during a run (see _run)
 _SCAN_ROW_BYTES = 300  # a staged scan row: key, hashes, status, title and URI (see preprocess.SCAN_ROW_SCHEMA)
 
 
@@ -580,10 +582,13 @@ def _run(cfg: EmbedJobConfig, kind: str, progress: Callable[[str], None] | None)
         write_args = {"num_cpus": _WRITE_CPUS}
         scan: dict[str, Any] | None = None
         try:
-            if cfg.incremental:
-                scan = _incremental(plan, sink, write_args, say)
-            else:
-                _write(build_item_pipeline(plan), sink, write_args, row_bytes=plan.row_bytes)
+            # The executor's per-task native allocations, once freed, stay in glibc's arenas: hand them back as
+            # the run goes, so that the driver's RSS follows what it uses now, not the most it ever held.
+            with returning_freed_memory(_TRIM_EVERY_S):
+                if cfg.incremental:
+                    scan = _incremental(plan, sink, write_args, say)
+                else:
+                    _write(build_item_pipeline(plan), sink, write_args, row_bytes=plan.row_bytes)
         except BaseException as e:
             root = _user_error(e)
             _abandon(plan, f"{type(root).__name__}: {root}")
