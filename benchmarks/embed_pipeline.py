@@ -112,33 +112,24 @@ def make_catalog(base: str, n: int, image_size: int, endpoint: str | None, seed:
     return uri
 
 
-# A random Qwen2.5-VL sized so that its forward pass, not image fetching, bounds the pipeline on a CPU box:
-# ~17M parameters (text 512 x 4 layers, vision 256 x 4), about 50 ms per item on one core. The "tiny" test
-# model (0.2M) forwards an item faster than this box can GET it from a local moto server (~7 ms of CPU per
-# object, client + server), so with it the ratio measures the object store, not the pipeline.
-SMALL_TEXT = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 8,
-              "num_key_value_heads": 4, "layer_types": ["full_attention"] * 4, "max_window_layers": 4,
-              "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [16, 8, 8]}}
-SMALL_VISION = {"hidden_size": 256, "intermediate_size": 512, "depth": 4, "num_heads": 4, "out_hidden_size": 512,
-                "fullatt_block_indexes": [3]}
-
-
 def model_dir(size: str = "tiny") -> str:
-    """The offline random backbone of ``size`` (``tiny``: the test model; ``small``: see SMALL_TEXT)."""
+    """The offline random backbone of ``size`` (:data:`vlm2rec_ray.model.tiny.SHAPES`: ``tiny``, the test model;
+    ``small``, 17M parameters whose forward bounds the pipeline on a CPU box, as a real backbone does on a GPU;
+    ``3b``, Qwen2.5-VL-3B's layers in bf16, built on the GPU). With the 0.2M test model a forward costs less
+    CPU than GETting the image from a moto server on the same box (~7 ms per object, client + server), so
+    that ratio measures the object store, not the pipeline."""
     from vlm2rec_ray.model.tiny import build_tiny_backbone
 
     d = REPO / "build" / "bench" / f"{size}_backbone"
     if not (d / "config.json").exists():
-        build_tiny_backbone(d, seed=0)  # tokenizer + image processor (+ tiny weights)
-        if size == "small":
+        kwargs: dict = {}
+        if size == "3b":
             import torch
-            from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
 
-            conf = Qwen2_5_VLConfig.from_pretrained(d)
-            conf.text_config.update(SMALL_TEXT)
-            conf.vision_config.update(SMALL_VISION)
-            torch.manual_seed(0)
-            Qwen2_5_VLModel(conf).eval().save_pretrained(d)
+            if not torch.cuda.is_available():
+                raise SystemExit("--model-size 3b needs a CUDA GPU (3.4B parameters in bf16); use small on CPU")
+            kwargs = {"device": "cuda", "dtype": torch.bfloat16}
+        build_tiny_backbone(d, seed=0, shape=size, **kwargs)  # tokenizer + image processor + random weights
     return str(d)
 
 
@@ -191,16 +182,29 @@ def model_throughput(cfg, catalog: str, endpoint: str | None, threads: int, item
             core.encode([[t] for t in titles[s:s + bs]], [[im] for im in images[s:s + bs]], text_keys[s:s + bs],
                         image_keys[s:s + bs])
 
+    from vlm2rec_ray.model.flops import count_flops
+
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
     out = {}
     with torch.inference_mode():
         for name, fn in (("forward", forward), ("actor_core", actor_core)):
             enc.encode_items(titles[:bs], images[:bs])  # warm-up
+            sync()
             best = 0.0
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 fn()
+                sync()
                 best = max(best, len(titles) / (time.perf_counter() - t0))
             out[name] = best
+        # FLOPs of one padded batch as encode_items runs it (P_T + P_V forwards), per item
+        n = min(bs, len(titles))
+        out["flops_per_item"] = count_flops(lambda: enc.encode_items(titles[:n], images[:n])) / n
+    out["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    out["dtype"] = str(next(enc.backbone.parameters()).dtype).removeprefix("torch.")
     return out
 
 
@@ -258,12 +262,21 @@ def throughput(args: argparse.Namespace) -> dict:
         best = max(model["forward"], model["actor_core"])
         ratio = pipe_ips / best
         steady_ratio = timeline["steady_items_per_s"] / best
+        from vlm2rec_ray.model.flops import mfu, peak_flops
+
+        dtype = {"bfloat16": "bf16", "float16": "fp16"}.get(model["dtype"], model["dtype"])
+        peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(model["device"], dtype)
+        flops = model["flops_per_item"]
         result = {"items": args.items, "storage": args.storage, "model": Path(cfg.model.name).name,
                   "batch_size": cfg.batch_size, "deterministic": cfg.deterministic, "image_size": args.image_size,
                   "cpus": os.cpu_count(), "pipeline_items_per_s": round(pipe_ips, 1), "pipeline_wall_s": round(wall, 2),
                   "model_items_per_s": round(model["forward"], 1), "actor_core_items_per_s": round(model["actor_core"], 1),
                   "ratio": round(ratio, 3), **{k: round(v, 2) for k, v in timeline.items()},
-                  "steady_ratio": round(steady_ratio, 3), "load_avg_1m": round(os.getloadavg()[0], 2)}
+                  "steady_ratio": round(steady_ratio, 3), "load_avg_1m": round(os.getloadavg()[0], 2),
+                  "device": model["device"], "dtype": model["dtype"], "gflops_per_item": round(flops / 1e9, 3),
+                  "mfu_model": round(mfu(flops, best, peak), 4) if peak else None,
+                  "mfu_pipeline": round(mfu(flops, pipe_ips, peak), 4) if peak else None,
+                  "mfu_pipeline_steady": round(mfu(flops, timeline["steady_items_per_s"], peak), 4) if peak else None}
         print(f"pipeline {pipe_ips:.1f} items/s ({args.storage} -> Parquet, {wall:.1f} s incl. actor start-up) | model "
               f"alone {best:.1f} items/s (batch {cfg.batch_size}, {threads} thread; padded encode_items "
               f"{model['forward']:.1f}, the actor's encoder core {model['actor_core']:.1f}) | ratio {ratio:.2f} "
@@ -271,6 +284,13 @@ def throughput(args: argparse.Namespace) -> dict:
         print(f"timeline: first batch embedded {timeline['first_batch_s']:.1f} s after the start (plan, census, actor "
               f"start-up, first forward), last {timeline['last_batch_s']:.1f} s; between them "
               f"{timeline['steady_items_per_s']:.1f} items/s = {steady_ratio:.2f} of the model alone (steady state)")
+        achieved = f"{flops / 1e9:.2f} GFLOP per item ({model['device']}, {model['dtype']}): model alone " \
+                   f"{flops * best / 1e12:.3f} TFLOP/s, pipeline {flops * pipe_ips / 1e12:.3f} TFLOP/s"
+        if peak:
+            print(f"{achieved}; MFU (peak {peak / 1e12:.0f} TFLOP/s): model alone {result['mfu_model']:.1%}, pipeline "
+                  f"{result['mfu_pipeline']:.1%} whole run, {result['mfu_pipeline_steady']:.1%} steady (target >= 40%)")
+        else:
+            print(f"{achieved}; MFU: no peak figure for this device (pass --peak-tflops)")
         return result
     finally:
         if proc is not None:
@@ -431,9 +451,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--storage", choices=("s3", "local"), default="s3")
     p.add_argument("--model", default=None, help="model dir (default: a random backbone of --model-size)")
-    p.add_argument("--model-size", choices=("tiny", "small"), default=None,
-                   help="random backbone built offline: small (17M, default for throughput) or tiny (0.2M, the test "
-                        "model; default for --memory)")
+    p.add_argument("--model-size", choices=("tiny", "small", "3b"), default=None,
+                   help="random backbone built offline: small (17M, default for throughput), tiny (0.2M, the test "
+                        "model; default for --memory) or 3b (Qwen2.5-VL-3B-shaped, bf16; needs a GPU)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's peak dense TFLOP/s for MFU (default: known GPUs' bf16 peak, see "
+                        "vlm2rec_ray.model.flops.PEAK_TFLOPS)")
     p.add_argument("--model-items", type=int, default=400, help="items the model-alone measurement runs on")
     p.add_argument("--set", action="append", default=[], help="extra EmbedJobConfig override key=value")
     p.add_argument("--memory", default=None, help="comma-separated catalog sizes, e.g. 2000,20000")

@@ -6,6 +6,11 @@ tokenizer and image processor with ``save_pretrained``. The directory then loads
 same :func:`vlm2rec_ray.model.backbone.load_backbone` path that a real checkpoint uses.
 
 Same ``seed`` -> bitwise-identical weights and tokenizer. About 0.2 M parameters, under 1 MB on disk.
+
+``shape=`` builds the same offline backbone at other sizes for benchmarks (:data:`SHAPES`): ``small``
+(17M parameters, a CPU benchmark whose forward bounds the pipeline) and ``3b`` (Qwen2.5-VL-3B's text and
+vision towers layer for layer: the FLOPs per token of the real model; only the vocabulary is the tiny
+tokenizer's, and an embedding lookup costs no FLOPs). Random weights, built on any device.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 # Qwen2.5-VL's special tokens, in the order the real tokenizer has them.
 SPECIAL_TOKENS = [
@@ -75,6 +81,25 @@ TINY_VISION = {
     "temporal_patch_size": 2,
 }
 # 56x56 .. 224x224 images -> 4 .. 64 vision tokens each.
+# A random Qwen2.5-VL heavy enough that its forward pass, not image fetching, bounds the embed pipeline on a
+# CPU box: ~17M parameters, about 35 ms per item on one core (benchmarks/embed_pipeline.py).
+SMALL_TEXT = {**TINY_TEXT, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 4,
+              "num_attention_heads": 8, "num_key_value_heads": 4,
+              "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [16, 8, 8]}}
+SMALL_VISION = {**TINY_VISION, "hidden_size": 256, "intermediate_size": 512, "depth": 4, "num_heads": 4,
+                "out_hidden_size": 512, "fullatt_block_indexes": [3]}
+# Qwen2.5-VL-3B-Instruct's config.json (text: 36 layers of 2048, GQA 16/2 heads, SwiGLU 11008; vision: 32
+# blocks of 1280, windowed attention but for blocks 7/15/23/31, merger to 2048).
+QWEN25VL_3B_TEXT = {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+                    "num_attention_heads": 16, "num_key_value_heads": 2, "max_position_embeddings": 128000,
+                    "rms_norm_eps": 1e-6,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}}
+QWEN25VL_3B_VISION = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                      "out_hidden_size": 2048, "fullatt_block_indexes": [7, 15, 23, 31], "window_size": 112,
+                      "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+SHAPES = {"tiny": (TINY_TEXT, TINY_VISION), "small": (SMALL_TEXT, SMALL_VISION),
+          "3b": (QWEN25VL_3B_TEXT, QWEN25VL_3B_VISION)}
+
 TINY_MIN_PIXELS = 56 * 56
 TINY_MAX_PIXELS = 224 * 224
 
@@ -111,18 +136,46 @@ def build_tiny_tokenizer(seed: int = 0, vocab_size: int = 400):
     )
 
 
-def build_tiny_backbone(path: str | os.PathLike[str], seed: int = 0) -> Path:
-    """Write a deterministic tiny random-init Qwen2.5-VL (model + tokenizer + image processor) to ``path``.
+def tiny_config(tok: Any, shape: str = "tiny") -> Any:
+    """The ``Qwen2_5_VLConfig`` of :data:`SHAPES` ``[shape]`` with the tiny tokenizer ``tok``'s vocabulary and
+    special-token ids."""
+    from transformers import Qwen2_5_VLConfig
+
+    if shape not in SHAPES:
+        raise ValueError(f"unknown backbone shape {shape!r}; pick one of {sorted(SHAPES)}")
+    text, vision = SHAPES[shape]
+    return Qwen2_5_VLConfig(
+        text_config={
+            **text,
+            "vocab_size": (len(tok) + 63) // 64 * 64,
+            "bos_token_id": None,
+            "eos_token_id": tok.convert_tokens_to_ids("<|im_end|>"),
+            "pad_token_id": tok.pad_token_id,
+        },
+        vision_config=dict(vision),
+        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
+    )
+
+
+def build_tiny_backbone(path: str | os.PathLike[str], seed: int = 0, *, shape: str = "tiny",
+                        device: str | None = None, dtype: Any = None) -> Path:
+    """Write a deterministic random-init Qwen2.5-VL (model + tokenizer + image processor) to ``path``.
 
     Args:
         path: output directory (created).
         seed: fixes tokenizer training corpus and weight initialisation.
+        shape: a key of :data:`SHAPES` (``tiny`` for tests; ``small`` / ``3b`` for benchmarks).
+        device: where to initialise the weights (``cuda`` for ``3b``: 3.4B parameters); default CPU.
+        dtype: a ``torch.dtype`` for the weights (e.g. ``torch.bfloat16``); default float32.
 
     Returns:
         The directory, loadable by :func:`vlm2rec_ray.model.backbone.load_backbone`.
     """
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
+    from transformers import Qwen2_5_VLModel
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from vlm2rec_ray.model.backbone import ImageOnlyQwen25VLProcessor
@@ -130,24 +183,11 @@ def build_tiny_backbone(path: str | os.PathLike[str], seed: int = 0) -> Path:
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tiny_tokenizer(seed)
-    vocab = (len(tok) + 63) // 64 * 64
-    config = Qwen2_5_VLConfig(
-        text_config={
-            **TINY_TEXT,
-            "vocab_size": vocab,
-            "bos_token_id": None,
-            "eos_token_id": tok.convert_tokens_to_ids("<|im_end|>"),
-            "pad_token_id": tok.pad_token_id,
-        },
-        vision_config=dict(TINY_VISION),
-        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
-        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
-        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
-        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
-    )
+    config = tiny_config(tok, shape)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLModel(config).eval()
-    model.save_pretrained(out)
+    with torch.device(device or "cpu"):
+        model = Qwen2_5_VLModel._from_config(config, dtype=dtype) if dtype is not None else Qwen2_5_VLModel(config)
+    model.eval().save_pretrained(out)
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=TINY_MIN_PIXELS,
         max_pixels=TINY_MAX_PIXELS,
@@ -155,5 +195,5 @@ def build_tiny_backbone(path: str | os.PathLike[str], seed: int = 0) -> Path:
     )
     processor = ImageOnlyQwen25VLProcessor(image_processor=image_processor, tokenizer=tok, chat_template=CHAT_TEMPLATE)
     processor.save_pretrained(out)
-    (out / "vlm2rec_tiny.json").write_text(json.dumps({"seed": seed, "builder": "vlm2rec_ray.model.tiny"}))
+    (out / "vlm2rec_tiny.json").write_text(json.dumps({"seed": seed, "shape": shape, "builder": "vlm2rec_ray.model.tiny"}))
     return out
