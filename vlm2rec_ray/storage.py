@@ -25,6 +25,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -39,7 +40,8 @@ _CLIENTS_LOCK = threading.Lock()
 _RETRIES = [0]  # retry attempts of this module's boto3 clients in this process (see retry_attempts)
 _RETRIES_LOCK = threading.Lock()
 MIN_PART_BYTES = 5 << 20  # S3's smallest multipart part (all but the last)
-PART_BYTES = 64 << 20  # put_file: one PUT up to this size, else multipart parts of this size
+PART_BYTES = 16 << 20  # put_file: one PUT up to this size, else multipart parts of this size
+UPLOAD_THREADS = 4  # put_file: parts in flight at once (memory: at most this many parts)
 READ_BLOCK_BYTES = 1 << 20  # open_input_file: the least a ranged GET fetches (a small object: all of it)
 _BODY_ATTEMPTS = 3  # ranged GETs whose body breaks off mid-stream are sent again (each counted as a retry)
 
@@ -542,18 +544,22 @@ def open_input_file(uri: str, *, endpoint: str | None = None, block_size: int = 
         raise StorageError(f"opening {path} failed: {e}", reason="io_error") from e
 
 
-def put_file(path: str | os.PathLike[str], uri: str, *, endpoint: str | None = None, part_size: int = PART_BYTES) -> int:
+def put_file(path: str | os.PathLike[str], uri: str, *, endpoint: str | None = None, part_size: int = PART_BYTES,
+             threads: int = UPLOAD_THREADS) -> int:
     """Copy a local file to ``uri``; returns its size in bytes. On S3 one PUT when it is at most ``part_size``
-    bytes, else a multipart upload of ``part_size`` parts (aborted if anything fails), with this module's
-    client (retries counted); locally a copy under a temporary name, then a rename. Either way the
-    destination appears only complete.
+    bytes, else a multipart upload of ``part_size`` parts, ``threads`` of them in flight at once (each part is
+    read from the file when its upload starts, so at most ``threads * part_size`` bytes are in memory), aborted
+    if anything fails; all with this module's client (retries counted). Locally a copy under a temporary
+    name, then a rename. Either way the destination appears only complete.
 
     Raises:
-        ValueError: ``part_size`` below S3's 5 MiB minimum.
+        ValueError: ``part_size`` below S3's 5 MiB minimum, or ``threads`` < 1.
         StorageError: the upload failed (reason ``denied``, ``missing`` for a missing bucket, ``io_error``).
     """
     if part_size < MIN_PART_BYTES:
         raise ValueError(f"part_size={part_size} is below S3's minimum part size {MIN_PART_BYTES} (5 MiB)")
+    if threads < 1:
+        raise ValueError(f"threads={threads} must be at least 1")
     size = os.path.getsize(path)
     if not is_s3(uri):
         dest = resolve_local(uri)
@@ -578,12 +584,29 @@ def put_file(path: str | os.PathLike[str], uri: str, *, endpoint: str | None = N
     except Exception as e:
         raise _s3_error(uri, e) from e
     try:
-        parts = []
         with open(path, "rb") as fh:
-            while chunk := fh.read(part_size):
-                n = len(parts) + 1
-                resp = client.upload_part(Bucket=loc.bucket, Key=loc.key, UploadId=upload_id, PartNumber=n, Body=chunk)
-                parts.append({"ETag": resp["ETag"], "PartNumber": n})
+
+            failed = threading.Event()
+
+            def upload(n: int) -> dict[str, Any] | None:  # part n (1-based), read where it lies (pread: no offset)
+                if failed.is_set():
+                    return None  # a part failed: start no more (its error surfaces first, in part order)
+                try:
+                    chunk = os.pread(fh.fileno(), part_size, (n - 1) * part_size)
+                    resp = client.upload_part(Bucket=loc.bucket, Key=loc.key, UploadId=upload_id, PartNumber=n,
+                                              Body=chunk)
+                except BaseException:
+                    failed.set()
+                    raise
+                return {"ETag": resp["ETag"], "PartNumber": n}
+
+            count = -(-size // part_size)
+            pool = ThreadPoolExecutor(max_workers=min(threads, count), thread_name_prefix="vlm2rec-upload")
+            try:
+                futures = [pool.submit(upload, n) for n in range(1, count + 1)]
+                parts = [f.result() for f in futures]  # the first failure raises here
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
         client.complete_multipart_upload(Bucket=loc.bucket, Key=loc.key, UploadId=upload_id,
                                          MultipartUpload={"Parts": parts})
     except BaseException as e:

@@ -5,6 +5,8 @@ retry counter (``retry_attempts``), which must account for every injected fault 
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +93,63 @@ def test_put_file_multipart_with_faults(moto_endpoint: str, s3_bucket: str, tmp_
     assert not client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
     with pytest.raises(ValueError, match="below S3's minimum part size"):
         storage.put_file(src, f"s3://{s3_bucket}/up/x.bin", endpoint=moto_endpoint, part_size=MIB)
+
+
+def test_put_file_uploads_parts_side_by_side_with_bounded_memory(moto_endpoint: str, s3_bucket: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    payload = os.urandom(4 * 5 * MIB + 99)  # five parts of 5 MiB, the last one short
+    src = tmp_path / "big.bin"
+    src.write_bytes(payload)
+    client = storage.s3_client(moto_endpoint)
+    real = client.upload_part
+    lock = threading.Lock()
+    state = {"now": 0, "most": 0, "sizes": []}
+
+    def watched(**kw: Any) -> Any:
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+            state["sizes"].append(len(kw["Body"]))
+        time.sleep(0.2)  # long enough for the other threads to start theirs
+        try:
+            return real(**kw)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(client, "upload_part", watched)
+    uri = f"s3://{s3_bucket}/up/parallel.bin"
+    assert storage.put_file(src, uri, endpoint=moto_endpoint, part_size=5 * MIB, threads=3) == len(payload)
+    monkeypatch.undo()
+    assert storage.read_bytes(uri, endpoint=moto_endpoint) == payload  # parts in order
+    assert state["most"] == 3  # three parts in flight, never more
+    assert sorted(state["sizes"]) == [99] + [5 * MIB] * 4  # each call held one part, nothing more
+    with pytest.raises(ValueError, match="threads=0 must be at least 1"):
+        storage.put_file(src, uri, endpoint=moto_endpoint, threads=0)
+
+
+def test_put_file_stops_at_the_first_failed_part(moto_endpoint: str, s3_bucket: str, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(6 * 5 * MIB))
+    client = storage.s3_client(moto_endpoint)
+    real = client.upload_part
+    tried: list[int] = []
+
+    def second_fails(**kw: Any) -> Any:
+        tried.append(kw["PartNumber"])
+        if kw["PartNumber"] == 2:
+            raise ConnectionError("part 2 lost")
+        return real(**kw)
+
+    monkeypatch.setattr(client, "upload_part", second_fails)
+    uri = f"s3://{s3_bucket}/up/failed-part.bin"
+    with pytest.raises(storage.StorageError, match="part 2 lost"):
+        storage.put_file(src, uri, endpoint=moto_endpoint, part_size=5 * MIB, threads=1)
+    monkeypatch.undo()
+    assert tried == [1, 2]  # the parts after the failure were cancelled, not uploaded
+    assert not storage.exists(uri, endpoint=moto_endpoint)
+    assert not client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
 
 
 def test_put_file_aborts_a_failed_multipart_upload(moto_endpoint: str, s3_bucket: str, tmp_path: Path,
