@@ -15,6 +15,7 @@ embed`` and ``vlm2rec evaluate`` and calls their runners.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,10 @@ from vlm2rec_ray.config import (
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml"
 DEMO_DT = "2026-01-01"  # a fixed snapshot date: re-runs replace the same snapshot
+# The demo prints its own steps and summaries; Ray Data's INFO progress lines and every model actor's
+# weight-loading bar would bury them (~200 lines against ~50). Set only where the user has not: export
+# RAY_DATA_LOG_LEVEL=INFO or HF_HUB_DISABLE_PROGRESS_BARS=0 to see them. Workers started after this inherit it.
+QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "ERROR", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 class DemoDataConfig(_Part):
@@ -166,8 +171,10 @@ class _State:
         if not cfg.fresh and storage.exists(self.uri, endpoint=self.endpoint):
             self.done = json.loads(storage.read_text(self.uri, endpoint=self.endpoint))
 
-    def is_done(self, step: str, key: str) -> bool:
-        return self.done.get(step) == key
+    def is_done(self, step: str, key: str, output: str) -> bool:
+        """``step`` ran with ``key`` and its ``output`` (a file it writes last) is still there: a step whose
+        output was deleted since runs again."""
+        return self.done.get(step) == key and storage.exists(output, endpoint=self.endpoint)
 
     def mark(self, step: str, key: str) -> None:
         self.done[step] = key
@@ -177,7 +184,7 @@ class _State:
 def run_demo(cfg: DemoConfig, *, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo; returns ``{"report": html uri, "table": str, "runs": {name: eval result}, "wall_s"}``."""
     from vlm2rec_ray.data.synthetic import generate_synthetic
-    from vlm2rec_ray.embed import format_summary, run_embed_items, run_embed_sequences
+    from vlm2rec_ray.embed import format_summary, run_embed_items, run_embed_sequences, snapshot
     from vlm2rec_ray.eval.compare import compare_runs
     from vlm2rec_ray.eval.report import load_training_metrics, write_report
     from vlm2rec_ray.eval.runner import run_evaluation
@@ -187,6 +194,8 @@ def run_demo(cfg: DemoConfig, *, progress: Callable[[str], None] = print) -> dic
 
     started = time.time()
     configure_local_env()
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
     endpoint = cfg.data_endpoint
     state = _State(cfg)
     trained = [n for n in cfg.runs if _is_trained(n)]
@@ -199,7 +208,7 @@ def run_demo(cfg: DemoConfig, *, progress: Callable[[str], None] = print) -> dic
         progress(f"\n[{step}/{total}] {msg}  (t={time.time() - started:.0f} s)")
 
     stage(f"tiny Qwen2.5-VL backbone -> {backbone_uri(cfg)}")
-    if state.is_done("backbone", "seed0"):
+    if state.is_done("backbone", "seed0", storage.join(backbone_uri(cfg), "config.json")):
         progress("  exists, reused")
     else:
         if storage.is_s3(cfg.store):
@@ -214,7 +223,7 @@ def run_demo(cfg: DemoConfig, *, progress: Callable[[str], None] = print) -> dic
     stage(f"synthetic dataset ({d.num_items} items, {d.num_users} users, image-only signal "
           f"{d.image_only_signal:.0%}) -> {dataset_uri(cfg)}")
     key = config_hash(d)
-    if state.is_done("dataset", key):
+    if state.is_done("dataset", key, storage.join(dataset_uri(cfg), "stats.json")):
         progress("  exists, reused")
     else:
         stats = generate_synthetic(dataset_uri(cfg), num_items=d.num_items, num_users=d.num_users,
@@ -229,7 +238,7 @@ def run_demo(cfg: DemoConfig, *, progress: Callable[[str], None] = print) -> dic
         stage(f"train {name} (objective {tcfg.objective.variant}, {tcfg.scaling.num_workers} workers, "
               f"ZeRO-{tcfg.train.zero_stage}) -> {tcfg.output_uri}")
         key = config_hash(tcfg) + state.done.get("dataset", "")
-        if state.is_done(f"train/{name}", key):
+        if state.is_done(f"train/{name}", key, storage.join(tcfg.output_uri, "README.md")):
             progress("  exists, reused")
             continue
         summary = run_training(tcfg, progress=lambda m: progress(f"  {m}"))
@@ -245,7 +254,8 @@ def run_demo(cfg: DemoConfig, *, progress: Callable[[str], None] = print) -> dic
             ecfg = embed_config(cfg, name, kind)
             stage(f"embed {kind} with {name} -> {ecfg.output_uri}/{kind}/dt={DEMO_DT}")
             k = key + config_hash(ecfg)
-            if state.is_done(f"embed/{name}/{kind}", k):
+            manifest = snapshot.manifest_uri(snapshot.kind_uri(ecfg.output_uri, kind), DEMO_DT)
+            if state.is_done(f"embed/{name}/{kind}", k, manifest):
                 progress("  exists, reused")
                 continue
             summary = fn(ecfg, progress=lambda m: progress(f"  {m}"))
