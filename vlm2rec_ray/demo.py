@@ -36,7 +36,7 @@ from vlm2rec_ray.config import (
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml"
 DEMO_DT = "2026-01-01"  # a fixed snapshot date: re-runs replace the same snapshot
 # The demo prints its own steps and summaries; Ray Data's INFO progress lines and every model actor's
-# weight-loading bar would bury them (~200 lines against ~50). Set only where the user has not: export
+# weight-loading bar would bury them (~200 lines against ~80 for the six embed steps). Set only where the user has not: export
 # RAY_DATA_LOG_LEVEL=INFO or HF_HUB_DISABLE_PROGRESS_BARS=0 to see them. Workers started after this inherit it.
 QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "ERROR", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 

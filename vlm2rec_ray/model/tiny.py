@@ -80,7 +80,6 @@ TINY_VISION = {
     "spatial_merge_size": 2,
     "temporal_patch_size": 2,
 }
-# 56x56 .. 224x224 images -> 4 .. 64 vision tokens each.
 # A random Qwen2.5-VL heavy enough that its forward pass, not image fetching, bounds the embed pipeline on a
 # CPU box: ~17M parameters, about 35 ms per item on one core (benchmarks/embed_pipeline.py).
 SMALL_TEXT = {**TINY_TEXT, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 4,
@@ -99,7 +98,7 @@ QWEN25VL_3B_VISION = {"depth": 32, "hidden_size": 1280, "intermediate_size": 342
                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
 SHAPES = {"tiny": (TINY_TEXT, TINY_VISION), "small": (SMALL_TEXT, SMALL_VISION),
           "3b": (QWEN25VL_3B_TEXT, QWEN25VL_3B_VISION)}
-
+# 56x56 .. 224x224 images -> 4 .. 64 vision tokens each.
 TINY_MIN_PIXELS = 56 * 56
 TINY_MAX_PIXELS = 224 * 224
 
