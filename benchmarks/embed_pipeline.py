@@ -17,8 +17,9 @@ the faster of the two (target >= 0.85), twice:
 - whole run: catalog rows / wall time of ``run_embed_items``, which includes a fixed start-up (planning, the
   census, Ray Data's start, the model actor importing torch and transformers and loading the weights: 9-19 s
   before the first batch comes out on the 2-core box, whatever the catalog size);
-- steady state: the rate between the first and the last batch the actor finished, read from the snapshot's
-  ``embedded_at`` (the actor stamps each batch when it finishes it), i.e. what each further item costs.
+- steady state: the rate between the first and the last batch the actor finished (the run summary's
+  ``encode_rows_per_s``, from the encoded rows' ``embedded_at``: the actor stamps each batch when it finishes
+  it), i.e. what each further item costs.
 
 The default model is a random 17M-parameter Qwen2.5-VL (``--model-size small``), heavy enough that its
 forward pass bounds the run, as a real backbone on a GPU does. With the 0.2M test model (``tiny``) a forward
@@ -209,22 +210,6 @@ def model_throughput(cfg, catalog: str, endpoint: str | None, threads: int, item
     return out
 
 
-def batch_timeline(uri: str, endpoint: str | None, started_at: float) -> dict[str, float]:
-    """When the model's batches came out, from the snapshot's ``embedded_at`` (the actor stamps each batch as it
-    finishes it): ``first_batch_s`` / ``last_batch_s`` after ``started_at`` (epoch seconds) and the rate in between,
-    ``steady_items_per_s`` = rows embedded after the first stamp / (last - first stamp)."""
-    import pyarrow.compute as pc
-
-    from vlm2rec_ray.embed import read_embeddings
-
-    stamps = read_embeddings(uri, endpoint=endpoint, columns=["embedded_at"]).column("embedded_at")
-    secs = pc.cast(stamps, "int64").to_numpy() / 1e6  # microseconds since the epoch (UTC)
-    first, last = float(secs.min()), float(secs.max())
-    after_first = int((secs > first).sum())
-    return {"first_batch_s": first - started_at, "last_batch_s": last - started_at,
-            "steady_items_per_s": after_first / (last - first) if last > first else float("nan")}
-
-
 def throughput(args: argparse.Namespace) -> dict:
     from vlm2rec_ray.embed.pipeline import format_summary, run_embed_items
     from vlm2rec_ray.runtime import init_local_ray
@@ -246,7 +231,6 @@ def throughput(args: argparse.Namespace) -> dict:
         out = "s3://bench-catalog/emb" if endpoint else str(Path(tmp) / "emb")
         cfg = embed_config(model, catalog, out, endpoint, [f"batch_size={args.batch_size}", *args.set])
         init_local_ray(num_cpus=os.cpu_count())
-        started_at = time.time()
         t0 = time.perf_counter()
         summary = run_embed_items(cfg)
         wall = time.perf_counter() - t0
@@ -254,7 +238,9 @@ def throughput(args: argparse.Namespace) -> dict:
         import ray
 
         ray.shutdown()
-        timeline = batch_timeline(summary["uri"], endpoint, started_at)
+        # When the model's batches came out (the summary reads the encoded rows' embedded_at stamps)
+        timeline = {"first_batch_s": summary["first_batch_s"],
+                    "steady_items_per_s": summary["encode_rows_per_s"] or float("nan")}  # nan: a single batch
         threads = max(1, int(cfg.cpus_per_actor))
         model = model_throughput(cfg, catalog, endpoint, threads, min(args.items, args.model_items))
         pipe_ips = args.items / wall
@@ -283,8 +269,8 @@ def throughput(args: argparse.Namespace) -> dict:
               f"{model['forward']:.1f}, the actor's encoder core {model['actor_core']:.1f}) | ratio {ratio:.2f} "
               "(target >= 0.85)")
         print(f"timeline: first batch embedded {timeline['first_batch_s']:.1f} s after the start (plan, census, actor "
-              f"start-up, first forward), last {timeline['last_batch_s']:.1f} s; between them "
-              f"{timeline['steady_items_per_s']:.1f} items/s = {steady_ratio:.2f} of the model alone (steady state)")
+              f"start-up, first forward); from it to the last batch {timeline['steady_items_per_s']:.1f} items/s = "
+              f"{steady_ratio:.2f} of the model alone (steady state)")
         achieved = f"{flops / 1e9:.2f} GFLOP per item ({model['device']}, {model['dtype']}): model alone " \
                    f"{flops * best / 1e12:.3f} TFLOP/s, pipeline {flops * pipe_ips / 1e12:.3f} TFLOP/s"
         if peak:

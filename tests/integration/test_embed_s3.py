@@ -116,6 +116,9 @@ def test_items_full_run(world: dict[str, Any]) -> None:
     assert s["mode"] == "full" and s["input_rows"] == NUM_ITEMS
     assert s["ok"] == NUM_ITEMS - 3 and s["failed"] == 3
     assert s["reasons"] == {"corrupt": 1, "empty_title": 1, "missing": 1}
+    # when the model's batches came out (from the encoded rows' embedded_at): after the start, before the end
+    assert 0 < s["first_batch_s"] < s["elapsed_s"]
+    assert s["encode_rows_per_s"] is None or s["encode_rows_per_s"] > 0
 
     # Plain pyarrow over the S3 filesystem: exact schema, one row per ok item, rows + error rows = catalog rows.
     data = _read_plain(w, "items", DT1)
@@ -193,6 +196,8 @@ def test_incremental_next_day_encodes_only_the_changed_item(world: dict[str, Any
     assert (s["new"], s["changed"], s["unchanged"], s["deleted"], s["failed"]) == (0, 1, NUM_ITEMS - 5, 1, 3)
     assert s["encoded"] == 1 and s["texts_encoded"] == 1 and s["ok"] == NUM_ITEMS - 4
     assert s["previous"]["dt"] == DT1
+    assert 0 < s["first_batch_s"] < s["elapsed_s"]  # the one encoded row; the carried rows' old stamps are left out
+    assert s["encode_rows_per_s"] is None  # one batch: no rate between batches
 
     t1, t2 = w["table1"], _by_key(_read_plain(w, "items", DT2))
     assert t2.num_rows == s["ok"] and DELETED not in t2.column("item_id").to_pylist()

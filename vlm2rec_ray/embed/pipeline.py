@@ -481,6 +481,8 @@ def _summarize(plan: RunPlan, census: dict[str, Any], res: dict[str, Any], scan:
         "files": sum(1 for f in res["files"] if f["kind"] == "data"),
         "previous": ({"dt": plan.previous["dt"], "run_id": plan.previous["run_id"]} if plan.previous else None),
         "elapsed_s": round(time.perf_counter() - started, 3),
+        "first_batch_s": None,  # seconds from the start until the model's first batch was done (set in _run)
+        "encode_rows_per_s": None,  # encoded rows/s from the first batch to the last: the steady rate
     }
     summary["rows_per_s"] = round(rows / summary["elapsed_s"], 2) if summary["elapsed_s"] > 0 else None
     if scan is not None:
@@ -551,6 +553,7 @@ def _run(cfg: EmbedJobConfig, kind: str, progress: Callable[[str], None] | None)
 
     say = progress or (lambda _m: None)
     started = time.perf_counter()
+    started_epoch = time.time()  # wall clock, to compare with the actors' embedded_at stamps
     cfg = resolve_paths(cfg)
     plan = plan_run(cfg, kind)  # inputs and model checked before Ray starts: a bad URI fails in seconds
     ensure_ray()
@@ -598,6 +601,11 @@ def _run(cfg: EmbedJobConfig, kind: str, progress: Callable[[str], None] | None)
         say(f"input: {census['rows']} rows in {len(plan.files)} file(s)")
         res = sink.result or {"counts": {}, "reasons": {}, "files": []}
         summary = _summarize(plan, census, res, scan, started)
+        timeline = res.get("timeline")
+        if timeline is not None and timeline.first_us is not None:
+            summary["first_batch_s"] = round(timeline.first_us / 1e6 - started_epoch, 2)
+            steady = timeline.steady_rows_per_s()
+            summary["encode_rows_per_s"] = round(steady, 2) if steady is not None else None
         problem = _check_counts(plan, census, res, scan)
         if problem is None and summary["failure_fraction"] > cfg.max_failure_fraction:
             reasons = ", ".join(f"{k}={v}" for k, v in summary["reasons"].items())
@@ -736,6 +744,10 @@ def format_summary(summary: dict[str, Any]) -> str:
                      f"failed={s['failed']}")
     lines.append(f"  encoded {s['texts_encoded']} distinct texts and {s['images_encoded']} distinct images "
                  f"for {s['encoded']} rows; carried {s['carried']}")
+    if s.get("first_batch_s") is not None:
+        rate = s.get("encode_rows_per_s")
+        lines.append(f"  model: first batch done {s['first_batch_s']:.1f} s after the start (start-up)"
+                     + (f", then {rate:.1f} rows/s" if rate is not None else ""))
     if s.get("storage_retries"):
         lines.append(f"  storage: {s['storage_retries']} S3 retries (all absorbed)")
     if s["reasons"]:

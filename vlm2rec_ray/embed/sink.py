@@ -169,6 +169,7 @@ class SnapshotSink(Datasink):
         errs = _PartWriter(storage.join(self.errors_uri, name), errors_schema(self.kind), self.endpoint)
         counts: Counter[str] = Counter()
         reasons: Counter[str] = Counter()
+        timeline = EncodeTimeline()
         now = _dt.datetime.now(_dt.timezone.utc)
         try:
             for block in blocks:
@@ -198,6 +199,7 @@ class SnapshotSink(Datasink):
                 counts["in_prev"] += int(pc.sum(pc.cast(t.column("in_prev"), pa.int64())).as_py() or 0)
                 counts["texts_encoded"] += int(pc.sum(t.column("texts_encoded")).as_py() or 0)
                 counts["images_encoded"] += int(pc.sum(t.column("images_encoded")).as_py() or 0)
+                timeline.add(t)
                 for k, v in zip(*_value_counts(bad.column("reason")), strict=True):
                     reasons[k or "unknown"] += v
             files = []
@@ -210,20 +212,61 @@ class SnapshotSink(Datasink):
             errs.abort()
             raise
         counts["storage_retries"] += data.retries + errs.retries
-        return {"files": files, "counts": dict(counts), "reasons": dict(reasons)}
+        return {"files": files, "counts": dict(counts), "reasons": dict(reasons), "timeline": timeline}
 
     def on_write_complete(self, write_result: WriteResult) -> None:
         counts: Counter[str] = Counter()
         reasons: Counter[str] = Counter()
         files: list[dict[str, Any]] = []
+        timeline = EncodeTimeline()
         for r in write_result.write_returns:
             if not r:
                 continue
             counts.update(r["counts"])
             reasons.update(r["reasons"])
             files += r["files"]
+            timeline.merge(r["timeline"])
         self.result = {"counts": dict(counts), "reasons": dict(reasons),
-                       "files": sorted(files, key=lambda f: (f["kind"], f["uri"]))}
+                       "files": sorted(files, key=lambda f: (f["kind"], f["uri"])), "timeline": timeline}
+
+
+class EncodeTimeline:
+    """When the model stage finished its batches, from the ``embedded_at`` stamps of the rows encoded in this
+    run (the actor stamps a batch when it finishes it; carried rows keep older stamps and are left out):
+    the first and last stamp and how many rows bear the first. Merges across write tasks in O(1)."""
+
+    def __init__(self) -> None:
+        self.first_us: int | None = None  # microseconds since the epoch (UTC)
+        self.last_us: int | None = None
+        self.rows = 0  # encoded rows seen
+        self.rows_at_first = 0  # of which stamped with first_us (the first batch)
+
+    def add(self, rows: pa.Table) -> None:
+        """Take the ``status == "encoded"`` rows of a block of sink rows."""
+        enc = rows.filter(pc.equal(rows.column("status"), "encoded"))
+        if enc.num_rows:
+            us = pc.cast(enc.column("embedded_at"), pa.int64())
+            lo, hi = int(pc.min(us).as_py()), int(pc.max(us).as_py())
+            at_lo = int(pc.sum(pc.cast(pc.equal(us, lo), pa.int64())).as_py())
+            self._merge(lo, hi, enc.num_rows, at_lo)
+
+    def merge(self, other: EncodeTimeline) -> None:
+        if other.first_us is not None and other.last_us is not None:
+            self._merge(other.first_us, other.last_us, other.rows, other.rows_at_first)
+
+    def _merge(self, first: int, last: int, rows: int, at_first: int) -> None:
+        if self.first_us is None or first < self.first_us:
+            self.first_us, self.rows_at_first = first, at_first
+        elif first == self.first_us:
+            self.rows_at_first += at_first
+        self.last_us = last if self.last_us is None else max(self.last_us, last)
+        self.rows += rows
+
+    def steady_rows_per_s(self) -> float | None:
+        """Encoded rows after the first batch / time from the first batch to the last (None: one batch)."""
+        if self.first_us is None or self.last_us is None or self.last_us <= self.first_us:
+            return None
+        return (self.rows - self.rows_at_first) / ((self.last_us - self.first_us) / 1e6)
 
 
 def _value_counts(arr: Any) -> tuple[list[Any], list[int]]:
