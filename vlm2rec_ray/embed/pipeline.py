@@ -455,8 +455,11 @@ def _storage_retries(plan: RunPlan, census: dict[str, Any], res: dict[str, Any],
 
 
 def _summarize(plan: RunPlan, census: dict[str, Any], res: dict[str, Any], scan: dict[str, Any] | None,
-               started: float) -> dict[str, Any]:
+               started: float, started_epoch: float) -> dict[str, Any]:
     c = res["counts"]
+    timeline = res.get("timeline")  # the sink's EncodeTimeline (None when nothing was written)
+    first_us = timeline.first_us if timeline is not None else None
+    steady = timeline.steady_rows_per_s() if timeline is not None else None
     rows = int(census["rows"])
     failed = int(c.get("failed", 0))
     summary: dict[str, Any] = {
@@ -481,8 +484,10 @@ def _summarize(plan: RunPlan, census: dict[str, Any], res: dict[str, Any], scan:
         "files": sum(1 for f in res["files"] if f["kind"] == "data"),
         "previous": ({"dt": plan.previous["dt"], "run_id": plan.previous["run_id"]} if plan.previous else None),
         "elapsed_s": round(time.perf_counter() - started, 3),
-        "first_batch_s": None,  # seconds from the start until the model's first batch was done (set in _run)
-        "encode_rows_per_s": None,  # encoded rows/s from the first batch to the last: the steady rate
+        # seconds from the start until the model's first batch was done (start-up), and the encoded rows/s from
+        # the first batch to the last (the steady rate); from the encoded rows' embedded_at stamps
+        "first_batch_s": round(first_us / 1e6 - started_epoch, 2) if first_us is not None else None,
+        "encode_rows_per_s": round(steady, 2) if steady is not None else None,
     }
     summary["rows_per_s"] = round(rows / summary["elapsed_s"], 2) if summary["elapsed_s"] > 0 else None
     if scan is not None:
@@ -600,12 +605,7 @@ def _run(cfg: EmbedJobConfig, kind: str, progress: Callable[[str], None] | None)
             raise
         say(f"input: {census['rows']} rows in {len(plan.files)} file(s)")
         res = sink.result or {"counts": {}, "reasons": {}, "files": []}
-        summary = _summarize(plan, census, res, scan, started)
-        timeline = res.get("timeline")
-        if timeline is not None and timeline.first_us is not None:
-            summary["first_batch_s"] = round(timeline.first_us / 1e6 - started_epoch, 2)
-            steady = timeline.steady_rows_per_s()
-            summary["encode_rows_per_s"] = round(steady, 2) if steady is not None else None
+        summary = _summarize(plan, census, res, scan, started, started_epoch)
         problem = _check_counts(plan, census, res, scan)
         if problem is None and summary["failure_fraction"] > cfg.max_failure_fraction:
             reasons = ", ".join(f"{k}={v}" for k, v in summary["reasons"].items())
