@@ -26,7 +26,8 @@ catalog tasks return theirs, and the driver adds its own (planning, footers, man
 Nothing is materialized in the driver: data flows task to task through the object store, and the driver
 only receives per-write-task counts and file names. Memory is flat in the catalog size except for one thing:
 a write task starts once ``rows_per_file`` rows (about ``target_file_mib``) are ready, so up to one file's
-rows wait in the object store (blocks under Ray's 100 KB inline limit, e.g. a tiny model's, in the driver).
+rows wait in the object store (small blocks, e.g. a tiny model's batches, are first coalesced into >= 1 MiB
+blocks, so that they do not wait in the driver's memory; see ``_write``).
 Sequences run the same machinery with each user's
 last ``max_history`` items looked up in the catalog (an index shared through the object store).
 
@@ -51,6 +52,7 @@ from vlm2rec_ray.embed.schema import KEY_COLUMN, errors_schema, output_schema, s
 from vlm2rec_ray.runtime import returning_freed_memory
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     import ray.data
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ _JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")
 _REQUIRED = {"items": ("item_id", "title", "image_uri"), "sequences": ("user_id", "history", "target")}
 _WRITE_CPUS = 0.25  # write tasks are I/O bound; keep CPUs for fetch/decode and the model actors
 _MIN_WRITE_BLOCK_BYTES = 1 << 20  # rows reach the sinks in blocks of at least this size (see _write)
+_COALESCE_TASKS = 2  # tasks that coalesce small blocks for the sinks, at most, at once (see _write)
 _TRIM_EVERY_S = 5.0  # the driver returns freed heap pages to the OS this often during a run (see _run)
 _SCAN_ROW_BYTES = 300  # a staged scan row: key, hashes, status, title and URI (see preprocess.SCAN_ROW_SCHEMA)
 
@@ -662,6 +665,11 @@ def _abandon(plan: RunPlan, error: str) -> None:
         log.warning("could not mark run %s failed: %s", plan.run_id, e)
 
 
+def _coalesced(batch: pa.Table) -> pa.Table:
+    """Identity: Ray Data hands it ``batch_size`` rows bundled from small blocks, and it returns them as one block."""
+    return batch
+
+
 def _write(ds: ray.data.Dataset, sink: Any, write_args: dict[str, Any], *, row_bytes: int) -> None:
     """Write ``ds`` through ``sink`` in blocks of at least :data:`_MIN_WRITE_BLOCK_BYTES`.
 
@@ -669,9 +677,21 @@ def _write(ds: ray.data.Dataset, sink: Any, write_args: dict[str, Any], *, row_b
     Ray's 100 KB inline limit (a batch of a small model's sink rows, or of scan rows) are kept in their
     owner's memory, the driver's, until then; coalesced (streaming, no shuffle) into blocks of >= 1 MiB they
     wait in the object store instead, which spills to disk when full.
+
+    Coalescing is a ``map_batches`` of ``rows`` rows, not Ray Data's streaming ``repartition``, which (Ray 2.60)
+    ran one task per input block, so it never combined small blocks, and asked for a whole CPU per task. With a
+    whole CPU those tasks could not start while the model actor and the fetch/decode tasks held the CPUs: they
+    queued in the driver until the input ran out, each holding its input block inlined in its task spec (the
+    driver's memory grew with the catalog). These ask for the write tasks' CPU share. At most
+    :data:`_COALESCE_TASKS` run at once; a bounded task pool also keeps Ray Data from fusing them into the write
+    tasks, whose input is a file's worth (tests/integration/test_embed_write.py checks both).
     """
+    import ray.data
+
     rows = max(1, _MIN_WRITE_BLOCK_BYTES // max(1, row_bytes))
-    ds.repartition(target_num_rows_per_block=rows).write_datasink(sink, ray_remote_args=dict(write_args))
+    (ds.map_batches(_coalesced, batch_size=rows, batch_format="pyarrow", num_cpus=write_args.get("num_cpus"),
+                    compute=ray.data.TaskPoolStrategy(size=_COALESCE_TASKS))
+     .write_datasink(sink, ray_remote_args=dict(write_args)))
 
 
 def _incremental(plan: RunPlan, sink: Any, write_args: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
