@@ -17,6 +17,9 @@ the faster of the two (target >= 0.85), twice:
 - whole run: catalog rows / wall time of ``run_embed_items``, which includes a fixed start-up (planning, the
   census, Ray Data's start, the model actor importing torch and transformers and loading the weights: 9-19 s
   before the first batch comes out on the 2-core box, whatever the catalog size);
+- the same on a warm cluster (``--warm-up N``: N other items go through the pipeline first, on the same Ray
+  instance, as on a long-lived cluster that has run jobs before; the measured run's model actor still starts
+  in a fresh process);
 - steady state: the rate between the first and the last batch the actor finished (the run summary's
   ``encode_rows_per_s``, from the encoded rows' ``embedded_at``: the actor stamps each batch when it finishes
   it), i.e. what each further item costs.
@@ -231,6 +234,15 @@ def throughput(args: argparse.Namespace) -> dict:
         out = "s3://bench-catalog/emb" if endpoint else str(Path(tmp) / "emb")
         cfg = embed_config(model, catalog, out, endpoint, [f"batch_size={args.batch_size}", *args.set])
         init_local_ray(num_cpus=os.cpu_count())
+        if args.warm_up:
+            # As on a long-lived cluster that re-embeds nightly: Ray Data's helper actors and the worker pool are
+            # up already. The measured run still starts its own model actor (a fresh process: imports, weights).
+            w0 = time.perf_counter()
+            warm = make_catalog(base + "-warm-up", args.warm_up, args.image_size, endpoint, seed=1)
+            run_embed_items(embed_config(model, warm, out + "-warm-up", endpoint,
+                                         [f"batch_size={args.batch_size}", *args.set]))
+            print(f"warm-up: {args.warm_up} other items through the pipeline first ({time.perf_counter() - w0:.1f} s)",
+                  flush=True)
         t0 = time.perf_counter()
         summary = run_embed_items(cfg)
         wall = time.perf_counter() - t0
@@ -254,7 +266,7 @@ def throughput(args: argparse.Namespace) -> dict:
         dtype = {"bfloat16": "bf16", "float16": "fp16"}.get(model["dtype"], model["dtype"])
         peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(model["device"], dtype)
         flops = model["flops_per_item"]
-        result = {"items": args.items, "storage": args.storage, "model": Path(cfg.model.name).name,
+        result = {"items": args.items, "warm_up": args.warm_up, "storage": args.storage, "model": Path(cfg.model.name).name,
                   "batch_size": cfg.batch_size, "deterministic": cfg.deterministic, "image_size": args.image_size,
                   "cpus": os.cpu_count(), "pipeline_items_per_s": round(pipe_ips, 1), "pipeline_wall_s": round(wall, 2),
                   "model_items_per_s": round(model["forward"], 1), "actor_core_items_per_s": round(model["actor_core"], 1),
@@ -264,7 +276,7 @@ def throughput(args: argparse.Namespace) -> dict:
                   "mfu_model": round(mfu(flops, best, peak), 4) if peak else None,
                   "mfu_pipeline": round(mfu(flops, pipe_ips, peak), 4) if peak else None,
                   "mfu_pipeline_steady": round(mfu(flops, timeline["steady_items_per_s"], peak), 4) if peak else None}
-        print(f"pipeline {pipe_ips:.1f} items/s ({args.storage} -> Parquet, {wall:.1f} s incl. actor start-up) | model "
+        print(f"pipeline {pipe_ips:.1f} items/s ({args.storage} -> Parquet, {wall:.1f} s incl. actor start-up{', warm cluster' if args.warm_up else ''}) | model "
               f"alone {best:.1f} items/s (batch {cfg.batch_size}, {threads} thread; padded encode_items "
               f"{model['forward']:.1f}, the actor's encoder core {model['actor_core']:.1f}) | ratio {ratio:.2f} "
               "(target >= 0.85)")
@@ -445,6 +457,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="the device's peak dense TFLOP/s for MFU (default: known GPUs' bf16 peak, see "
                         "vlm2rec_ray.model.flops.PEAK_TFLOPS)")
     p.add_argument("--model-items", type=int, default=400, help="items the model-alone measurement runs on")
+    p.add_argument("--warm-up", type=int, default=0, metavar="N",
+                   help="first run N other items through the pipeline on the same Ray instance, as a long-lived "
+                        "cluster has run jobs before (Ray Data's helper actors up); the measured run's model actor "
+                        "still starts fresh")
     p.add_argument("--set", action="append", default=[], help="extra EmbedJobConfig override key=value")
     p.add_argument("--memory", default=None, help="comma-separated catalog sizes, e.g. 2000,20000")
     p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
