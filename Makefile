@@ -38,6 +38,7 @@ doctor: install
 bench: install
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/embed_pipeline.py
+	$(PY) benchmarks/embed_pipeline.py --warm-up 64
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache

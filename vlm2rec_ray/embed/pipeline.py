@@ -61,7 +61,7 @@ _JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")
 _REQUIRED = {"items": ("item_id", "title", "image_uri"), "sequences": ("user_id", "history", "target")}
 _WRITE_CPUS = 0.25  # write tasks are I/O bound; keep CPUs for fetch/decode and the model actors
 _MIN_WRITE_BLOCK_BYTES = 1 << 20  # rows reach the sinks in blocks of at least this size (see _write)
-_COALESCE_TASKS = 2  # tasks that coalesce small blocks for the sinks, at most, at once (see _write)
+_COALESCE_TASKS = 2  # tasks that coalesce small blocks for the sinks at once, at least (see _write)
 _TRIM_EVERY_S = 5.0  # the driver returns freed heap pages to the OS this often during a run (see _run)
 _SCAN_ROW_BYTES = 300  # a staged scan row: key, hashes, status, title and URI (see preprocess.SCAN_ROW_SCHEMA)
 
@@ -599,7 +599,8 @@ def _run(cfg: EmbedJobConfig, kind: str, progress: Callable[[str], None] | None)
                 if cfg.incremental:
                     scan = _incremental(plan, sink, write_args, say)
                 else:
-                    _write(build_item_pipeline(plan), sink, write_args, row_bytes=plan.row_bytes)
+                    _write(build_item_pipeline(plan), sink, write_args, row_bytes=plan.row_bytes,
+                           tasks=_coalesce_tasks(plan))
         except BaseException as e:
             root = _user_error(e)
             _abandon(plan, f"{type(root).__name__}: {root}")
@@ -665,12 +666,18 @@ def _abandon(plan: RunPlan, error: str) -> None:
         log.warning("could not mark run %s failed: %s", plan.run_id, e)
 
 
+def _coalesce_tasks(plan: RunPlan) -> int:
+    """Coalescing tasks a run lets run at once: one per model actor (their output rate), at least two."""
+    return max(_COALESCE_TASKS, plan.cfg.num_actors)
+
+
 def _coalesced(batch: pa.Table) -> pa.Table:
     """Identity: Ray Data hands it ``batch_size`` rows bundled from small blocks, and it returns them as one block."""
     return batch
 
 
-def _write(ds: ray.data.Dataset, sink: Any, write_args: dict[str, Any], *, row_bytes: int) -> None:
+def _write(ds: ray.data.Dataset, sink: Any, write_args: dict[str, Any], *, row_bytes: int,
+           tasks: int = _COALESCE_TASKS) -> None:
     """Write ``ds`` through ``sink`` in blocks of at least :data:`_MIN_WRITE_BLOCK_BYTES`.
 
     A sink's write task starts once it has a file's worth of rows (``min_rows_per_write``). Blocks under
@@ -682,15 +689,16 @@ def _write(ds: ray.data.Dataset, sink: Any, write_args: dict[str, Any], *, row_b
     ran one task per input block, so it never combined small blocks, and asked for a whole CPU per task. With a
     whole CPU those tasks could not start while the model actor and the fetch/decode tasks held the CPUs: they
     queued in the driver until the input ran out, each holding its input block inlined in its task spec (the
-    driver's memory grew with the catalog). These ask for the write tasks' CPU share. At most
-    :data:`_COALESCE_TASKS` run at once; a bounded task pool also keeps Ray Data from fusing them into the write
-    tasks, whose input is a file's worth (tests/integration/test_embed_write.py checks both).
+    driver's memory grew with the catalog). These ask for the write tasks' CPU share. At most ``tasks`` run at
+    once (the runs pass one per model actor, at least :data:`_COALESCE_TASKS`); a bounded task pool also keeps
+    Ray Data from fusing them into the write tasks, whose input is a file's worth
+    (tests/integration/test_embed_write.py checks both).
     """
     import ray.data
 
     rows = max(1, _MIN_WRITE_BLOCK_BYTES // max(1, row_bytes))
     (ds.map_batches(_coalesced, batch_size=rows, batch_format="pyarrow", num_cpus=write_args.get("num_cpus"),
-                    compute=ray.data.TaskPoolStrategy(size=_COALESCE_TASKS))
+                    compute=ray.data.TaskPoolStrategy(size=tasks))
      .write_datasink(sink, ray_remote_args=dict(write_args)))
 
 
@@ -709,7 +717,7 @@ def _incremental(plan: RunPlan, sink: Any, write_args: dict[str, Any], say: Call
     scan_sink = ScanSink(uri=snapshot.staging_uri(plan.root, plan.dt, plan.run_id, "scan"), endpoint=plan.endpoint,
                          schema=preprocess.SCAN_ROW_SCHEMA)
     scan_ds = _prepare(plan, _input_dataset(plan), "scan", prev_index=[prev_ref] if prev_ref is not None else None)
-    _write(scan_ds, scan_sink, write_args, row_bytes=_SCAN_ROW_BYTES)
+    _write(scan_ds, scan_sink, write_args, row_bytes=_SCAN_ROW_BYTES, tasks=_coalesce_tasks(plan))
     scan = scan_sink.result or {"counts": {}, "files": {g: [] for g in SCAN_GROUPS}}
     sc = scan["counts"]
     say("scan: " + ", ".join(f"{k}={sc.get(k, 0)}" for k in ("new", "changed", "unchanged", "failed")))
@@ -733,7 +741,7 @@ def _incremental(plan: RunPlan, sink: Any, write_args: dict[str, Any], say: Call
                                           batch_format="pyarrow", batch_size=None, num_cpus=0.25))
     if branches:
         ds = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
-        _write(ds, sink, write_args, row_bytes=plan.row_bytes)
+        _write(ds, sink, write_args, row_bytes=plan.row_bytes, tasks=_coalesce_tasks(plan))
     return scan
 
 
