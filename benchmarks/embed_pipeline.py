@@ -266,7 +266,8 @@ def throughput(args: argparse.Namespace) -> dict:
         dtype = {"bfloat16": "bf16", "float16": "fp16"}.get(model["dtype"], model["dtype"])
         peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(model["device"], dtype)
         flops = model["flops_per_item"]
-        result = {"items": args.items, "warm_up": args.warm_up, "storage": args.storage, "model": Path(cfg.model.name).name,
+        result = {"items": args.items, "warm_up": args.warm_up, "storage": args.storage,
+                  "model": Path(cfg.model.name).name,
                   "batch_size": cfg.batch_size, "deterministic": cfg.deterministic, "image_size": args.image_size,
                   "cpus": os.cpu_count(), "pipeline_items_per_s": round(pipe_ips, 1), "pipeline_wall_s": round(wall, 2),
                   "model_items_per_s": round(model["forward"], 1), "actor_core_items_per_s": round(model["actor_core"], 1),
@@ -276,7 +277,9 @@ def throughput(args: argparse.Namespace) -> dict:
                   "mfu_model": round(mfu(flops, best, peak), 4) if peak else None,
                   "mfu_pipeline": round(mfu(flops, pipe_ips, peak), 4) if peak else None,
                   "mfu_pipeline_steady": round(mfu(flops, timeline["steady_items_per_s"], peak), 4) if peak else None}
-        print(f"pipeline {pipe_ips:.1f} items/s ({args.storage} -> Parquet, {wall:.1f} s incl. actor start-up{', warm cluster' if args.warm_up else ''}) | model "
+        cluster = ", warm cluster" if args.warm_up else ""
+        print(f"pipeline {pipe_ips:.1f} items/s ({args.storage} -> Parquet, {wall:.1f} s incl. actor start-up"
+              f"{cluster}) | model "
               f"alone {best:.1f} items/s (batch {cfg.batch_size}, {threads} thread; padded encode_items "
               f"{model['forward']:.1f}, the actor's encoder core {model['actor_core']:.1f}) | ratio {ratio:.2f} "
               "(target >= 0.85)")

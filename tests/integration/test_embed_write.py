@@ -1,6 +1,7 @@
 """How the embed pipeline hands rows to its sinks (``pipeline._write``), on a real local Ray: small blocks are
 coalesced by tasks of their own (a fraction of a CPU, not fused into the write), so the write task gets blocks
-of about ``_MIN_WRITE_BLOCK_BYTES`` and a model actor plus fetch tasks holding every CPU do not stall them.
+of about ``_MIN_WRITE_BLOCK_BYTES``, and a model actor plus fetch tasks holding all but a fraction of the CPUs
+do not stall them.
 """
 
 from __future__ import annotations
