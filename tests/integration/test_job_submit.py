@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import REPO, _free_port
+from tests.conftest import REPO, free_ports
 from vlm2rec_ray import storage
 
 pytestmark = pytest.mark.integration
@@ -43,13 +43,11 @@ def ray_head(moto_endpoint: str, tmp_path: Path):
     """`ray start --head --block` in its own process group, every port chosen free on 127.0.0.1."""
     env = _env(moto_endpoint)
     temp_dir = REPO / "build" / f"rj{uuid.uuid4().hex[:6]}"  # short: Ray's unix sockets live under it
-    dash = _free_port()
-    ports = {
-        "--port": _free_port(), "--dashboard-port": dash, "--node-manager-port": _free_port(),
-        "--object-manager-port": _free_port(), "--ray-client-server-port": _free_port(),
-        "--dashboard-agent-listen-port": _free_port(), "--dashboard-agent-grpc-port": _free_port(),
-        "--metrics-export-port": _free_port(), "--runtime-env-agent-port": _free_port(),
-    }
+    names = ("--port", "--dashboard-port", "--node-manager-port", "--object-manager-port",
+             "--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+             "--metrics-export-port", "--runtime-env-agent-port")
+    ports = dict(zip(names, free_ports(len(names)), strict=True))  # distinct: Ray refuses a port given twice
+    dash = ports["--dashboard-port"]
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
            "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", "--disable-usage-stats",
            f"--temp-dir={temp_dir}", *[f"{k}={v}" for k, v in ports.items()]]
