@@ -83,3 +83,15 @@ def test_coalescing_runs_while_other_work_holds_all_but_a_fraction_of_a_cpu(ray_
     finally:
         for h in holders:
             ray_local.cancel(h, force=True)
+
+
+def test_coalescing_stops_at_one_write_tasks_rows(ray_local: Any) -> None:
+    """With a small ``rows_per_file`` the coalesced blocks are one write task's rows, not ~1 MiB: rows are not
+    held back from a write task that could already run."""
+    sink = _probe_sink(min_rows=25)
+    pipeline._write(_blocks(ray_local, 60, 10), sink, {"num_cpus": 0.25},
+                    row_bytes=pipeline._MIN_WRITE_BLOCK_BYTES // 100)
+    blocks = [n for w in sink.result for n in w["blocks"]]
+    assert sum(blocks) == 600
+    assert all(25 <= n < 50 for n in blocks), blocks  # whole 10-row inputs bundled up to >= 25 rows
+    assert all(len(w["blocks"]) == 1 for w in sink.result)  # one block is a write task's worth

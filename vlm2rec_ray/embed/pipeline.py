@@ -678,7 +678,8 @@ def _coalesced(batch: pa.Table) -> pa.Table:
 
 def _write(ds: ray.data.Dataset, sink: Any, write_args: dict[str, Any], *, row_bytes: int,
            tasks: int = _COALESCE_TASKS) -> None:
-    """Write ``ds`` through ``sink`` in blocks of at least :data:`_MIN_WRITE_BLOCK_BYTES`.
+    """Write ``ds`` through ``sink`` in blocks of at least :data:`_MIN_WRITE_BLOCK_BYTES` (or of one write task's
+    rows, ``sink.min_rows_per_write``, when that is fewer).
 
     A sink's write task starts once it has a file's worth of rows (``min_rows_per_write``). Blocks under
     Ray's 100 KB inline limit (a batch of a small model's sink rows, or of scan rows) are kept in their
@@ -697,6 +698,8 @@ def _write(ds: ray.data.Dataset, sink: Any, write_args: dict[str, Any], *, row_b
     import ray.data
 
     rows = max(1, _MIN_WRITE_BLOCK_BYTES // max(1, row_bytes))
+    if sink.min_rows_per_write:  # never hold rows back for more than one write task's worth (a small rows_per_file)
+        rows = min(rows, int(sink.min_rows_per_write))
     (ds.map_batches(_coalesced, batch_size=rows, batch_format="pyarrow", num_cpus=write_args.get("num_cpus"),
                     compute=ray.data.TaskPoolStrategy(size=tasks))
      .write_datasink(sink, ray_remote_args=dict(write_args)))
