@@ -232,15 +232,15 @@ def throughput(args: argparse.Namespace) -> dict:
         print(f"catalog: {args.items} items at {base} ({time.perf_counter() - t0:.1f} s to build)", flush=True)
         model = args.model or model_dir(args.model_size or "small")
         out = "s3://bench-catalog/emb" if endpoint else str(Path(tmp) / "emb")
-        cfg = embed_config(model, catalog, out, endpoint, [f"batch_size={args.batch_size}", *args.set])
+        extra = [f"batch_size={args.batch_size}", *args.set]
+        cfg = embed_config(model, catalog, out, endpoint, extra)
         init_local_ray(num_cpus=os.cpu_count())
         if args.warm_up:
             # As on a long-lived cluster that re-embeds nightly: Ray Data's helper actors and the worker pool are
             # up already. The measured run still starts its own model actor (a fresh process: imports, weights).
             w0 = time.perf_counter()
             warm = make_catalog(base + "-warm-up", args.warm_up, args.image_size, endpoint, seed=1)
-            run_embed_items(embed_config(model, warm, out + "-warm-up", endpoint,
-                                         [f"batch_size={args.batch_size}", *args.set]))
+            run_embed_items(embed_config(model, warm, out + "-warm-up", endpoint, extra))
             print(f"warm-up: {args.warm_up} other items through the pipeline first ({time.perf_counter() - w0:.1f} s)",
                   flush=True)
         t0 = time.perf_counter()
