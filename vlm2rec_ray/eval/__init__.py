@@ -12,6 +12,7 @@ from vlm2rec_ray.eval.metrics import (
     modality_geometry,
     modality_path_losses,
     sampled_ranks,
+    uniformity,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "modality_geometry",
     "modality_path_losses",
     "sampled_ranks",
+    "uniformity",
 ]

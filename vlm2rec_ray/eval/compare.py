@@ -24,9 +24,10 @@ TABLE_NOTES = {
     "dropout": "Modality dropout (paper Fig. 1a): f2f = fused query, t2f = text-only query, v2f = image-only "
                "query, always against fused items. A large f2f-v2f gap with f2f ≈ t2f means the image path "
                "collapsed.",
-    "geometry": "Geometry (paper Table 1, eqs. 4-5), per modality on L2-normalised embeddings: A_pos = mean "
-                "cos(sequence, target), A_neg = mean cos(sequence, non-interacted item), S = A_pos - A_neg "
-                "(higher = better separated), U = log mean exp(-2||e_i - e_j||^2) over items (lower = more uniform).",
+    "geometry": "Geometry (paper Table 1, eqs. 4-5), per modality on L2-normalised embeddings, in squared distances: "
+                "A_pos = mean ||z - e_target||^2 (lower = tighter), A_neg = mean ||z - e_neg||^2 over non-interacted "
+                "items (higher = pushed away), S = A_neg / (A_pos + eps) (separability: S > 1 separates), "
+                "U = log mean exp(-2||z_s - e_i||^2) over (sequence, item) pairs (lower = more uniform).",
     "task2": "Task 2: SASRec / GRU4Rec (d=128) with randomly initialised ID embeddings ('id') or our frozen item "
              "embeddings through a trainable linear adapter ('ours'); same sampled-negative protocol as Task 1.",
 }

@@ -4,8 +4,9 @@
   ``f2f`` = fused query z_T + z_V, ``t2f`` = text-only query z_T, ``v2f`` = image-only query z_V, each
   against fused items e_T + e_V. A collapsed model keeps f2f close to one of t2f / v2f and loses the other.
 - Geometry (Table 1, eqs. 4-5) per modality m in {text, image, fused}: queries z_m against items e_m with
-  :func:`vlm2rec_ray.eval.metrics.geometry_metrics` (A_pos, A_neg, S = A_pos - A_neg, U = uniformity of
-  the item embeddings; see that module for the exact formulas). A user's negatives are every catalog item
+  :func:`vlm2rec_ray.eval.metrics.geometry_metrics` (squared distances on the unit sphere: A_pos to the
+  target, A_neg to the negatives, S = A_neg / (A_pos + eps), U = log mean exp(-2 ||z_s - e_i||^2) over
+  (sequence, item) pairs; see that module for the exact formulas). A user's negatives are every catalog item
   outside their target and history, so A_neg is the expectation that 100 sampled negatives estimate.
 
 Large runs are subsampled (``max_users`` users, ``max_items`` items, seeded) because the geometry needs a
@@ -74,7 +75,7 @@ def geometry_table(
     Args:
         seq_table, item_table, test_split: as for Task 1.
         max_users: at most this many test users (seeded sample) enter the geometry.
-        max_items: at most this many catalog items serve as negatives and for uniformity (seeded sample).
+        max_items: at most this many catalog items serve as negatives and for U (seeded sample).
         seed: the subsampling seed.
         inputs: a precomputed alignment.
 
@@ -108,8 +109,8 @@ def geometry_table(
         items = embedding_matrix(item_table, column)  # (N, d)
         cands = np.concatenate([items[targets], items[pool]])  # (u+p, d)
         geo = metrics.geometry_metrics(query, cands, neg_mask)
-        # Uniformity over the catalog items alone (the candidate list repeats targets).
-        geo["U"] = metrics.geometry_metrics(items[pool], items[pool])["U"]
+        # U over (sequence, catalog item) pairs: the candidate list repeats the targets, the pool does not.
+        geo["U"] = metrics.uniformity(query, items[pool])
         out[modality] = {k: float(geo[k]) for k in GEOMETRY_KEYS}
     out["num_users"] = len(users)
     out["num_items"] = len(pool)

@@ -4,11 +4,11 @@
   ``full_ranking_hit_ndcg`` against the whole catalog. The rank of a target is the number of competitors
   scored **strictly higher** (ties go to the target), ``Hit@k = 1[rank < k]`` and
   ``NDCG@k = 1[rank < k] / log2(rank + 2)`` (one relevant item, so IDCG = 1); both averaged over users.
-- Geometry (eqs. 4-5), on L2-normalised embeddings: ``A_pos`` (mean cosine of a sequence to its target),
-  ``A_neg`` (mean cosine to its negatives), ``S = A_pos - A_neg`` (separation), and ``U`` (uniformity of the
-  item embeddings, Wang & Isola 2020: ``log mean_{i != j} exp(-t ||x_i - x_j||^2)``, t = 2; lower = more
-  uniform). On the unit sphere ``||x - y||^2 = 2 - 2 cos(x, y)``, so the distance form of alignment is
-  ``2 - 2 A``.
+- Geometry (eqs. 4-5), on L2-normalised embeddings, in squared Euclidean distances: ``A_pos`` (mean
+  ``||z_i - e_i||^2`` of a sequence to its target), ``A_neg`` (mean over sequences of the mean distance to
+  that sequence's negatives), ``S = A_neg / (A_pos + eps)`` (separability; S > 1 separates) and ``U`` (log
+  mean ``exp(-2 ||z_s - e_i||^2)`` over uniformly drawn (sequence, item) pairs). On the unit sphere
+  ``||x - y||^2 = 2 - 2 cos(x, y)``.
 - Gradient alignment (section 3): ``cos(g_total, g_T)`` and ``cos(g_total, g_V)`` over the trainable
   parameters. :func:`modality_path_losses` builds the per-modality losses by cutting the other modality's
   path (``g_T + g_V = g_total`` exactly by the chain rule); unimodal losses can be passed instead.
@@ -39,6 +39,7 @@ __all__ = [
     "modality_geometry",
     "modality_path_losses",
     "sampled_ranks",
+    "uniformity",
 ]
 
 ArrayLike = Tensor | np.ndarray | Sequence[float]
@@ -165,42 +166,60 @@ def full_ranking_hit_ndcg(scores: ArrayLike, targets: ArrayLike, k: int,
     return hit_ndcg_from_ranks(full_ranking_ranks(scores, targets, exclude_mask), k)
 
 
-def _uniformity(x: Tensor, t: float, chunk: int = 4096) -> float:
-    """log mean_{i != j} exp(-t ||x_i - x_j||^2) over unit-norm rows, chunked to bound memory."""
-    n = x.shape[0]
-    if n < 2:
-        return float("nan")
-    lse_parts = []
-    for start in range(0, n, chunk):
-        block = x[start:start + chunk]
-        sq = (2.0 - 2.0 * (block @ x.T)).clamp_min(0.0)  # (c, n) squared distances on the sphere
-        logits = -t * sq
-        rows = torch.arange(block.shape[0], device=x.device)
-        logits[rows, rows + start] = float("-inf")  # i != j
-        lse_parts.append(torch.logsumexp(logits.flatten(), dim=0))
-    return (torch.logsumexp(torch.stack(lse_parts), dim=0) - math.log(n * (n - 1))).item()
+GEOMETRY_EPS = 1e-8
+
+
+def uniformity(query_emb: ArrayLike, item_emb: ArrayLike, *, t: float = 2.0, chunk: int = 4096) -> float:
+    """U of paper eq. 4: ``log mean_{(s, i)} exp(-t ||z_s - e_i||^2)`` over every (sequence, item) pair, after
+    L2 normalisation (the exact expectation that uniform pair sampling estimates); lower = more spread.
+
+    Hand-worked: ``z = [[1,0]]``, ``e = [[1,0],[0,1],[-1,0]]``: squared distances 0, 2, 4, so
+    ``U = log((1 + e^-4 + e^-8) / 3) = -1.080133``.
+
+    Args:
+        query_emb: ``[B, d]`` sequence embeddings.
+        item_emb: ``[N, d]`` item embeddings.
+        t: temperature (the paper's 2).
+        chunk: query rows per block (bounds memory at ``chunk x N``).
+
+    Returns:
+        U as a float.
+    """
+    z = F.normalize(_tensor(query_emb, "query_emb").double(), dim=-1)
+    e = F.normalize(_tensor(item_emb, "item_emb").double(), dim=-1)
+    if z.dim() != 2 or e.dim() != 2 or z.shape[1] != e.shape[1] or z.shape[0] == 0 or e.shape[0] == 0:
+        raise ValueError(f"uniformity expects non-empty 2-D query [B,d] and item [N,d] embeddings, got "
+                         f"{tuple(z.shape)} and {tuple(e.shape)}")
+    parts = []
+    for start in range(0, z.shape[0], chunk):
+        sq = (2.0 - 2.0 * (z[start:start + chunk] @ e.T)).clamp_min(0.0)  # (c, N) squared distances
+        parts.append(torch.logsumexp((-t * sq).flatten(), dim=0))
+    return (torch.logsumexp(torch.stack(parts), dim=0) - math.log(z.shape[0] * e.shape[0])).item()
 
 
 def geometry_metrics(query_emb: ArrayLike, item_emb: ArrayLike, neg_mask: ArrayLike | None = None, *,
-                     t: float = 2.0) -> dict[str, float]:
+                     t: float = 2.0, eps: float = GEOMETRY_EPS) -> dict[str, float]:
     """A_pos, A_neg, S and U (paper eqs. 4-5) of one embedding space, after L2 normalisation.
 
     Row i's positive is item i (as in the objectives); its negatives are the items with ``neg_mask[i, j]``
     (default every ``j != i``).
 
-    - ``A_pos = mean_i cos(z_i, e_i)``
-    - ``A_neg = mean_i mean_{j in neg(i)} cos(z_i, e_j)``
-    - ``S = A_pos - A_neg``
-    - ``U = log mean_{i != j} exp(-t ||e_i - e_j||^2)`` over the item embeddings (t = 2)
+    - ``A_pos = mean_i ||z_i - e_i||^2``
+    - ``A_neg = mean_i mean_{j in neg(i)} ||z_i - e_j||^2`` (rows without negatives are left out)
+    - ``S = A_neg / (A_pos + eps)``: S > 1 means negatives lie further than positives
+    - ``U = log mean_{(i, j)} exp(-t ||z_i - e_j||^2)`` over all B x N pairs (:func:`uniformity`)
 
-    Hand-worked: ``z = e = [[1,0],[0,1]]`` (unnormalised ``[[2,0],[0,3]]`` gives the same): A_pos = 1,
-    A_neg = 0, S = 1, U = ``log exp(-2 * 2) = -4``.
+    Hand-worked: ``z = [[1,0],[0,1]]``, ``e = [[1/2, sqrt(3)/2], [-1,0]]``. Squared distances
+    ``2 - 2 cos``: row 0 to e_0 = 1, to e_1 = 4; row 1 to e_1 = 2, to e_0 = 2 - sqrt(3) = 0.267949. So
+    ``A_pos = (1 + 2)/2 = 1.5``, ``A_neg = (4 + 0.267949)/2 = 2.133975``, ``S = 1.422650`` and
+    ``U = log((e^-2 + e^-8 + e^-4 + e^-0.535898) / 4) = -1.688576``.
 
     Args:
         query_emb: ``[B, d]`` sequence embeddings.
         item_emb: ``[N, d]`` item embeddings, ``N >= B``.
         neg_mask: optional ``[B, N]`` bool negatives.
         t: uniformity temperature.
+        eps: the epsilon of eq. 5.
 
     Returns:
         ``{"A_pos", "A_neg", "S", "U"}`` as floats.
@@ -212,7 +231,7 @@ def geometry_metrics(query_emb: ArrayLike, item_emb: ArrayLike, neg_mask: ArrayL
                          f"{tuple(z.shape)} and {tuple(e.shape)}")
     b, n = z.shape[0], e.shape[0]
     z, e = F.normalize(z, dim=-1), F.normalize(e, dim=-1)
-    sim = z @ e.T  # (B, N)
+    sq = (2.0 - 2.0 * (z @ e.T)).clamp_min(0.0)  # (B, N) squared distances on the sphere
     neg = torch.ones(b, n, dtype=torch.bool)
     neg[:, :b].fill_diagonal_(False)
     if neg_mask is not None:
@@ -220,11 +239,11 @@ def geometry_metrics(query_emb: ArrayLike, item_emb: ArrayLike, neg_mask: ArrayL
         if m.shape != (b, n):
             raise ValueError(f"neg_mask must have shape ({b}, {n}), got {tuple(m.shape)}")
         neg = neg & m
-    a_pos = sim[:, :b].diagonal().mean().item()
+    a_pos = sq[:, :b].diagonal().mean().item()
     negf = neg.double()
     has_neg = negf.sum(dim=1) > 0
-    a_neg = ((sim * negf).sum(dim=1)[has_neg] / negf.sum(dim=1)[has_neg]).mean().item() if has_neg.any() else float("nan")
-    return {"A_pos": a_pos, "A_neg": a_neg, "S": a_pos - a_neg, "U": _uniformity(e, t)}
+    a_neg = ((sq * negf).sum(dim=1)[has_neg] / negf.sum(dim=1)[has_neg]).mean().item() if has_neg.any() else float("nan")
+    return {"A_pos": a_pos, "A_neg": a_neg, "S": a_neg / (a_pos + eps), "U": uniformity(z, e, t=t)}
 
 
 def modality_geometry(z_t: ArrayLike, z_v: ArrayLike, e_t: ArrayLike, e_v: ArrayLike,

@@ -19,6 +19,7 @@ from vlm2rec_ray.eval.metrics import (
     modality_geometry,
     modality_path_losses,
     sampled_ranks,
+    uniformity,
 )
 from vlm2rec_ray.objectives import info_nce, vlm2rec_loss
 
@@ -84,25 +85,40 @@ def test_metric_errors() -> None:
 
 
 def test_geometry_hand_worked() -> None:
-    """z = e = [[1,0],[0,1]] (scaled copies give the same): A_pos = 1, A_neg = 0, S = 1,
-    U = log exp(-2 * ||e0 - e1||^2) = log exp(-4) = -4."""
-    m = geometry_metrics([[2.0, 0.0], [0.0, 3.0]], [[1.0, 0.0], [0.0, 1.0]])
-    assert m == pytest.approx({"A_pos": 1.0, "A_neg": 0.0, "S": 1.0, "U": -4.0})
-    # Second example: z = [[1,0]], e = [[1,0],[0,1],[-1,0]]: A_neg = (0 - 1)/2 = -0.5, S = 1.5;
-    # pairwise ||.||^2 = 2, 4, 2 -> U = log((2 e^-4 + e^-8) / 3).
-    m = geometry_metrics([[1.0, 0.0]], [[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
-    u = math.log((2 * math.exp(-4) + math.exp(-8)) / 3)
-    assert m == pytest.approx({"A_pos": 1.0, "A_neg": -0.5, "S": 1.5, "U": u})
+    """Paper eqs. 4-5 on z = [[1,0],[0,1]], e = [[1/2, sqrt(3)/2], [-1,0]] (scaled copies give the same).
+
+    Squared distances on the sphere are 2 - 2 cos: row 0 to e_0 = 2 - 1 = 1 and to e_1 = 4; row 1 to
+    e_1 = 2 and to e_0 = 2 - sqrt(3). A_pos = (1 + 2)/2 = 1.5, A_neg = (4 + 2 - sqrt(3))/2 = 2.133975,
+    S = A_neg / A_pos = 1.422650, U = log((e^-2 + e^-8 + e^-4 + e^{-2(2 - sqrt(3))}) / 4) = -1.688576."""
+    r = math.sqrt(3) / 2
+    m = geometry_metrics([[3.0, 0.0], [0.0, 0.5]], [[1.0, 2 * r], [-1.0, 0.0]])
+    d01 = 2 - math.sqrt(3)
+    u = math.log((math.exp(-2) + math.exp(-8) + math.exp(-4) + math.exp(-2 * d01)) / 4)
+    assert m == pytest.approx({"A_pos": 1.5, "A_neg": (4 + d01) / 2, "S": (4 + d01) / 3, "U": u}, rel=1e-7)
+    assert m["S"] == pytest.approx(1.422650, abs=1e-6) and m["U"] == pytest.approx(-1.688576, abs=1e-6)
+
+
+def test_geometry_negatives_and_eps() -> None:
+    """z = [[1,0]], e = [[1,0],[0,1],[-1,0]]: A_pos = 0, negatives at 2 and 4 -> A_neg = 3, S = 3 / eps.
+    Masking the far negative leaves A_neg = 2; U = log((1 + e^-4 + e^-8) / 3) over the three pairs."""
+    z, e = [[1.0, 0.0]], [[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]
+    m = geometry_metrics(z, e, eps=0.5)
+    assert m == pytest.approx({"A_pos": 0.0, "A_neg": 3.0, "S": 6.0, "U": math.log((1 + math.exp(-4) + math.exp(-8)) / 3)},
+                              abs=1e-12)
+    assert geometry_metrics(z, e, [[True, True, False]], eps=0.5)["A_neg"] == pytest.approx(2.0)
+    assert uniformity(z, e) == pytest.approx(-1.080133, abs=1e-6)
+    # Every distance equal (no structure, like a random space): S = 1; no negatives at all: A_neg is NaN.
+    flat = geometry_metrics([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], [[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    assert flat["A_pos"] == pytest.approx(2.0) and flat["S"] == pytest.approx(1.0)
+    assert math.isnan(geometry_metrics(z, e, [[False, False, False]])["A_neg"])
 
 
 def test_uniformity_chunked_equals_direct() -> None:
-    from vlm2rec_ray.eval.metrics import _uniformity
-
-    x = torch.nn.functional.normalize(torch.randn(50, 8, dtype=torch.float64), dim=-1)
-    d = torch.cdist(x, x) ** 2
-    off = ~torch.eye(50, dtype=torch.bool)
-    direct = torch.log(torch.exp(-2 * d[off]).mean()).item()
-    assert _uniformity(x, 2.0, chunk=7) == pytest.approx(direct, rel=1e-10)
+    z = torch.nn.functional.normalize(torch.randn(50, 8, dtype=torch.float64), dim=-1)
+    e = torch.nn.functional.normalize(torch.randn(30, 8, dtype=torch.float64), dim=-1)
+    d = torch.cdist(z, e) ** 2
+    direct = torch.log(torch.exp(-2 * d).mean()).item()
+    assert uniformity(z, e, chunk=7) == pytest.approx(direct, rel=1e-10)
 
 
 def test_modality_geometry_keys() -> None:

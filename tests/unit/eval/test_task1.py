@@ -142,8 +142,8 @@ def test_modality_dropout_exposes_a_collapsed_image_path() -> None:
 
 
 def test_geometry_per_modality() -> None:
-    """Text queries equal to their targets' text embedding: A_pos(text) = 1. The image side is unrelated
-    to the targets, so its separation S is near 0 while text's is large."""
+    """Text queries equal to their targets' text embedding: A_pos(text) = 0 (eq. 4, squared distance). The
+    image side is unrelated to the targets, so its separability S (eq. 5) is near 1 while text's is huge."""
     w = world(num_users=50, num_items=200, text_signal=1.0, image_signal=0.0)
     e_t = embedding_matrix(w["items"], "emb_text")
     index = {iid: i for i, iid in enumerate(w["items"].column("item_id").to_pylist())}
@@ -152,10 +152,10 @@ def test_geometry_per_modality() -> None:
     seqs = seq_table(w["test"].column("user_id").to_pylist(), w["test"].column("history").to_pylist(), e_t[t], z_v)
     geo = geometry_table(seqs, w["items"], w["test"])
     assert set(geo) == {"text", "image", "fused", "num_users", "num_items"}
-    assert geo["text"]["A_pos"] == pytest.approx(1.0)
-    assert geo["text"]["S"] == pytest.approx(geo["text"]["A_pos"] - geo["text"]["A_neg"])
-    assert geo["text"]["S"] > 0.8 and abs(geo["image"]["S"]) < 0.15
+    assert geo["text"]["A_pos"] == pytest.approx(0.0, abs=1e-9)
+    assert geo["text"]["S"] == pytest.approx(geo["text"]["A_neg"] / (geo["text"]["A_pos"] + 1e-8))
+    assert geo["text"]["S"] > 1e6 and abs(geo["image"]["S"] - 1.0) < 0.15
     assert geo["text"]["U"] < 0 and geo["num_users"] == 50 and geo["num_items"] == 200
     sub = geometry_table(seqs, w["items"], w["test"], max_users=10, max_items=40)
     assert sub["num_users"] == 10 and sub["num_items"] == 40
-    assert sub["text"]["A_pos"] == pytest.approx(1.0)
+    assert sub["text"]["A_pos"] == pytest.approx(0.0, abs=1e-9)
