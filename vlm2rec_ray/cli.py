@@ -167,6 +167,39 @@ def prepare_synthetic_cmd(
     typer.echo(f"wrote {out}")
 
 
+@prepare_app.command("backbone")
+def prepare_backbone_cmd(
+    out: str = typer.Option(..., help="output directory (a save_pretrained checkpoint) or s3:// prefix"),
+    pretrain: bool = typer.Option(True, "--pretrain/--random", help="pre-train the tiny backbone (the testbed's "
+                                  "Vanilla, ~1 min on 2 cores) or keep it random-init (tests)"),
+    seed: int = typer.Option(0, help="weights and tokenizer seed"),
+    endpoint: str = typer.Option(None, help="S3 endpoint for an s3:// --out (default: AWS_ENDPOINT_URL)"),
+) -> None:
+    """Build the offline tiny Qwen2.5-VL: random-init, or pre-trained per the fixed recipe (model/pretrain.py)."""
+    import json
+    import tempfile
+    import time
+
+    from vlm2rec_ray import storage
+    from vlm2rec_ray.model.pretrain import PretrainRecipe, pretrain_backbone
+    from vlm2rec_ray.model.tiny import build_tiny_backbone
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        local = tmp if storage.is_s3(out) else out
+        try:
+            if pretrain:
+                summary = pretrain_backbone(local, PretrainRecipe(seed=seed), progress=typer.echo)
+                typer.echo(f"recipe {summary['recipe_hash']}: {json.dumps(summary['recipe'])}")
+            else:
+                build_tiny_backbone(local, seed=seed)
+            if storage.is_s3(out):
+                storage.upload_dir(local, out, endpoint=endpoint)
+        except (ValueError, OSError, storage.StorageError) as e:
+            fail(str(e))
+    typer.echo(f"wrote {out} in {time.perf_counter() - started:.1f} s")
+
+
 # --- train ------------------------------------------------------------------------------------------------
 
 
@@ -310,6 +343,26 @@ def evaluate(
     if "report" in result:
         typer.echo(f"report: {result['report']['html']}")
     typer.echo(f"wrote {cfg.output_uri}/eval.json")
+
+
+@app.command()
+def study(
+    args: list[str] = typer.Argument(None, help="key=value overrides, e.g. budget=8 final_seeds='[0]'"),
+    config: str = typer.Option("jobs/configs/study.yaml", help="study YAML (protocol: benchmarks/TESTBED.md)"),
+) -> None:
+    """SFT vs VLM2Rec on the pretrained-like testbed: equal tuning budgets on valid, seeds on test."""
+    from vlm2rec_ray.config import ConfigError, load_config
+    from vlm2rec_ray.runtime import configure_local_env
+    from vlm2rec_ray.testbed.study import StudyConfig, format_study, run_study
+
+    try:
+        cfg = load_config(StudyConfig, config, args)
+    except ConfigError as e:
+        fail(str(e))
+    configure_local_env()
+    result = run_study(cfg, progress=typer.echo)
+    typer.echo(format_study(result).split("\nChosen")[0])
+    typer.echo(f"wrote {cfg.out}/study.md, study.json, runs.jsonl in {result['wall_s']:.0f} s")
 
 
 @app.command()

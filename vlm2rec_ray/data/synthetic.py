@@ -142,6 +142,38 @@ def _balanced(combos: list[tuple[str, ...]], n: int, rng: random.Random) -> list
     return out
 
 
+def _sample_items(num_items: int, rng: random.Random, prefix: str = "I") -> list[dict[str, str]]:
+    """``num_items`` items with balanced (shape, colour) looks and (category, brand) texts, the other attributes
+    drawn at random; each a dict of attributes plus ``item_id`` (``<prefix>00042``) and ``title``."""
+    looks = _balanced(list(product(SHAPES, COLOURS)), num_items, rng)
+    texts = _balanced(list(product(CATEGORIES, BRANDS)), num_items, rng)
+    items: list[dict[str, str]] = []
+    for i in range(num_items):
+        shape, colour = looks[i]
+        category, brand = texts[i]
+        attrs = {
+            "item_id": f"{prefix}{i:05d}",
+            "shape": shape,
+            "colour": colour,
+            "texture": rng.choice(TEXTURES),
+            "category": category,
+            "brand": brand,
+            "material": rng.choice(MATERIALS),
+            "adjective": rng.choice(ADJECTIVES),
+        }
+        attrs["title"] = make_title(attrs)
+        items.append(attrs)
+    return items
+
+
+def sample_items(num_items: int, *, seed: int, prefix: str = "I") -> list[dict[str, str]]:
+    """Items only (attributes, ``item_id``, ``title``), no users: e.g. a pre-training corpus drawn with another
+    seed and id prefix than an evaluation catalog. Same generator as :func:`build_synthetic`."""
+    if num_items < 1:
+        raise ValueError(f"num_items must be >= 1, got {num_items}")
+    return _sample_items(num_items, random.Random(seed), prefix)
+
+
 def build_synthetic(
     *,
     num_items: int = 300,
@@ -167,29 +199,13 @@ def build_synthetic(
     if max_length > num_items:
         raise ValueError(f"max_length={max_length} exceeds num_items={num_items}; sequences never repeat an item")
     rng = random.Random(seed)
-    looks = _balanced(list(product(SHAPES, COLOURS)), num_items, rng)
-    texts = _balanced(list(product(CATEGORIES, BRANDS)), num_items, rng)
-    items: list[dict[str, str]] = []
+    items = _sample_items(num_items, rng)
     by_look: dict[tuple[str, str], list[int]] = {}
     by_text: dict[tuple[str, str], list[int]] = {}
     by_attr: dict[tuple[str, str], list[int]] = {}
-    for i in range(num_items):
-        shape, colour = looks[i]
-        category, brand = texts[i]
-        attrs = {
-            "item_id": f"I{i:05d}",
-            "shape": shape,
-            "colour": colour,
-            "texture": rng.choice(TEXTURES),
-            "category": category,
-            "brand": brand,
-            "material": rng.choice(MATERIALS),
-            "adjective": rng.choice(ADJECTIVES),
-        }
-        attrs["title"] = make_title(attrs)
-        items.append(attrs)
-        by_look.setdefault((shape, colour), []).append(i)
-        by_text.setdefault((category, brand), []).append(i)
+    for i, attrs in enumerate(items):
+        by_look.setdefault((attrs["shape"], attrs["colour"]), []).append(i)
+        by_text.setdefault((attrs["category"], attrs["brand"]), []).append(i)
         for key in ("shape", "colour", "category", "brand"):
             by_attr.setdefault((key, attrs[key]), []).append(i)
 

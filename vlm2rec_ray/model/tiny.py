@@ -113,13 +113,15 @@ def _corpus(seed: int) -> list[str]:
     return lines
 
 
-def build_tiny_tokenizer(seed: int = 0, vocab_size: int = 400):
-    """Train a byte-level BPE on a fixed corpus and wrap it as a left-padding ``Qwen2Tokenizer``."""
+def build_tiny_tokenizer(seed: int = 0, vocab_size: int = 400, extra_corpus: list[str] | None = None):
+    """Train a byte-level BPE on a fixed corpus (plus ``extra_corpus`` lines, e.g. a pre-training corpus's
+    text) and wrap it as a left-padding ``Qwen2Tokenizer``."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import Qwen2Tokenizer
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(_corpus(seed), vocab_size=vocab_size, min_frequency=2, show_progress=False)
+    bpe.train_from_iterator(_corpus(seed) + list(extra_corpus or []), vocab_size=vocab_size, min_frequency=2,
+                            show_progress=False)
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     return Qwen2Tokenizer(

@@ -48,7 +48,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_engine", "compute_loss", "gradient_alignment_step", "train_loop_per_worker", "train_step"]
+__all__ = ["build_engine", "build_optimizer", "build_train_module", "compute_loss", "gradient_alignment_step",
+           "train_loop_per_worker", "train_step"]
 
 
 # ------------------------------------------------------------------------------------------------ one step
@@ -88,19 +89,24 @@ def train_step(engine: DeepSpeedEngine, batch: TrainBatch, objective: nn.Module,
     return loss.metrics()
 
 
-def gradient_alignment_step(engine: DeepSpeedEngine, batch: TrainBatch, objective: nn.Module) -> dict[str, float]:
-    """The paper's gradient-alignment diagnostic on one batch, without touching the engine's gradients.
+def gradient_alignment_step(module: nn.Module, batch: TrainBatch, objective: nn.Module, *,
+                            zero3: bool = False) -> dict[str, float]:
+    """The paper's gradient-alignment diagnostic on one batch, without touching the module's gradients.
 
     ``g_T`` / ``g_V`` are the gradients of the loss through the text / image embeddings only
     (:func:`vlm2rec_ray.eval.metrics.modality_path_losses`); we report cos(g_total, g_T), cos(g_total, g_V),
     cos(g_T, g_V) and the norms, w.r.t. the trainable backbone parameters of this worker's batch
-    (in-batch candidates only). Under ZeRO-3 the parameters are partitioned, so the gradients are taken
-    w.r.t. the four embedding matrices instead (keys then carry ``space=embeddings``).
+    (in-batch candidates only). Under ZeRO-3 (``zero3=True``) the parameters are partitioned, so the gradients
+    are taken w.r.t. the four embedding matrices instead (keys then carry ``space=embeddings``).
+
+    Args:
+        module: the :class:`TrainModule` (``engine.module`` under DeepSpeed).
+        batch: one micro-batch.
+        objective: the training objective (its alpha/beta are held constant).
+        zero3: the parameters are ZeRO-3 partitioned.
     """
     from vlm2rec_ray.eval.metrics import gradient_alignment, modality_path_losses
 
-    module = engine.module
-    zero3 = engine.zero_optimization_stage() == 3
     with torch.no_grad():
         alpha, beta = (x.detach().float() for x in objective.penalty())  # constants: only the backbone is probed
     with torch.set_grad_enabled(not zero3):
@@ -143,27 +149,27 @@ def _prepare_process(cfg: TrainJobConfig, device: torch.device) -> None:
         torch.cuda.set_device(device)
 
 
-def build_engine(cfg: TrainJobConfig, ds_config: dict[str, Any], device: torch.device
-                 ) -> tuple[DeepSpeedEngine, TrainModule]:
-    """Load the backbone (ZeRO-3: partitioned at load time via ``HfDeepSpeedConfig``), apply LoRA or unfreeze
-    for full fine-tuning, optionally unfreeze the vision tower, enable gradient checkpointing, build the
-    objective, and wrap everything in a DeepSpeed engine with AdamW (+ linear warm-up)."""
-    import deepspeed
+def build_train_module(cfg: TrainJobConfig, device: torch.device, *,
+                       zero3_config: dict[str, Any] | None = None) -> TrainModule:
+    """The trainable :class:`TrainModule`: load the backbone, apply LoRA or unfreeze for full fine-tuning,
+    optionally unfreeze the vision tower, enable gradient checkpointing and build the objective.
 
+    Args:
+        cfg: the train job config.
+        device: where the module goes.
+        zero3_config: a ZeRO-3 DeepSpeed config: the backbone is then partitioned at load time
+            (``HfDeepSpeedConfig``); None loads it whole (stages 0-2, and single-process training).
+    """
     from vlm2rec_ray.model.backbone import load_backbone
     from vlm2rec_ray.model.encoder import VLM2RecEncoder
     from vlm2rec_ray.model.lora import apply_lora
     from vlm2rec_ray.objectives import build_objective
 
-    _prepare_process(cfg, device)
-    # Attach deepspeed.comm to the process group Ray Train created (ZeRO-3's zero.Init inside from_pretrained
-    # needs the world size before deepspeed.initialize runs).
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
     hf_ds = None
-    if cfg.train.zero_stage == 3:
+    if zero3_config is not None:
         from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
-        hf_ds = HfDeepSpeedConfig(ds_config)  # must stay alive during from_pretrained (a weakref is kept)
+        hf_ds = HfDeepSpeedConfig(zero3_config)  # must stay alive during from_pretrained (a weakref is kept)
     load_dtype = "fp32" if cfg.precision == "fp32" else cfg.precision
     backbone, processor = load_backbone(cfg.model.name, device=str(device), dtype=load_dtype,
                                         endpoint=cfg.model.endpoint_url or cfg.data_endpoint,
@@ -187,10 +193,31 @@ def build_engine(cfg: TrainJobConfig, ds_config: dict[str, Any], device: torch.d
         encoder.enable_gradient_checkpointing()
     module = TrainModule(encoder, build_objective(cfg.objective), fusion=cfg.model.fusion).to(device)
     module.train()
+    return module
+
+
+def build_optimizer(cfg: TrainJobConfig, module: nn.Module
+                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    """AdamW over the trainable parameters, with a linear warm-up over ``train.warmup_steps`` when set."""
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     warmup = cfg.train.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup)) if warmup else None
+    return optimizer, scheduler
+
+
+def build_engine(cfg: TrainJobConfig, ds_config: dict[str, Any], device: torch.device
+                 ) -> tuple[DeepSpeedEngine, TrainModule]:
+    """:func:`build_train_module` (ZeRO-3: partitioned at load time) and :func:`build_optimizer`, wrapped in a
+    DeepSpeed engine."""
+    import deepspeed
+
+    _prepare_process(cfg, device)
+    # Attach deepspeed.comm to the process group Ray Train created (ZeRO-3's zero.Init inside from_pretrained
+    # needs the world size before deepspeed.initialize runs).
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
+    module = build_train_module(cfg, device, zero3_config=ds_config if cfg.train.zero_stage == 3 else None)
+    optimizer, scheduler = build_optimizer(cfg, module)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
     return engine, module
@@ -327,7 +354,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batch = to_train_batch(arrow_batch)
             window.data_s += time.perf_counter() - t_wait
             if micro % t.grad_accum == 0 and t.diag_every and (state.global_step + 1) % t.diag_every == 0:
-                pending_diag = gradient_alignment_step(engine, batch, objective)
+                pending_diag = gradient_alignment_step(engine.module, batch, objective,
+                                                       zero3=engine.zero_optimization_stage() == 3)
             t_step = time.perf_counter()
             window.add(train_step(engine, batch, objective, gather=gather))
             window.compute_s += time.perf_counter() - t_step
