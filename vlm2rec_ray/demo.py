@@ -2,7 +2,9 @@
 
 Steps (each reused when its output exists for the same settings, so an interrupted demo continues):
 
-1. build the tiny random-init Qwen2.5-VL (offline tokenizer) and, for an s3:// store, upload it;
+1. the tiny Qwen2.5-VL backbone: by default the pretrained-like one of :mod:`vlm2rec_ray.model.pretrain`
+   (the testbed's Vanilla, built once and cached under ``build/backbones``; ``backbone.pretrain=false`` keeps
+   it random-init), copied into the store (uploaded for an s3:// store);
 2. generate the synthetic multimodal dataset (a share of the next-item signal only in images);
 3. train every trained run (VLM_SFT, VLM2Rec, ...) with Ray Train + DeepSpeed;
 4. embed items and test sequences of every run with Ray Data;
@@ -52,12 +54,36 @@ class DemoDataConfig(_Part):
     seed: int = 0
 
 
+class DemoBackboneConfig(_Part):
+    """The demo's backbone: the pretrained-like tiny Qwen2.5-VL (default) or the random-init one."""
+
+    pretrain: bool = Field(True, description="pre-train the tiny backbone (benchmarks/TESTBED.md) or keep it random")
+    recipe: dict[str, Any] = Field(default_factory=dict, description="PretrainRecipe overrides (tests: fewer steps)")
+
+    @field_validator("recipe")
+    @classmethod
+    def _recipe(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from vlm2rec_ray.model.pretrain import PretrainRecipe
+
+        try:
+            PretrainRecipe(**v)
+        except TypeError as e:
+            raise ValueError(f"backbone.recipe={v} has an unknown key ({e}); see PretrainRecipe's fields") from e
+        return v
+
+    def key(self) -> str:
+        from vlm2rec_ray.model.pretrain import PretrainRecipe, recipe_hash
+
+        return f"pretrained-{recipe_hash(PretrainRecipe(**self.recipe))}" if self.pretrain else "random-seed0"
+
+
 class DemoConfig(_Part):
     """``vlm2rec demo``: where everything goes and the settings shared by its train/embed/evaluate jobs."""
 
     store: str = Field("build/demo", description="local dir or s3:// prefix for dataset, models, embeddings, report")
     endpoint_url: str | None = Field(None, description="S3 endpoint for an s3:// store; default AWS_ENDPOINT_URL")
     dataset: DemoDataConfig = Field(default_factory=DemoDataConfig)
+    backbone: DemoBackboneConfig = Field(default_factory=DemoBackboneConfig)
     runs: list[str] = Field(default_factory=lambda: ["VLM_Vanilla", "VLM_SFT_external", "VLM2Rec"],
                             description="baseline names (jobs/configs/baselines/*.yaml)")
     train: dict[str, Any] = Field(default_factory=dict, description="TrainJobConfig fields shared by trained runs")
@@ -188,6 +214,7 @@ def run_demo(cfg: DemoConfig, *, progress: Callable[[str], None] = print) -> dic
     from vlm2rec_ray.eval.compare import compare_runs
     from vlm2rec_ray.eval.report import load_training_metrics, write_report
     from vlm2rec_ray.eval.runner import run_evaluation
+    from vlm2rec_ray.model.pretrain import PretrainRecipe, ensure_pretrained_backbone
     from vlm2rec_ray.model.tiny import build_tiny_backbone
     from vlm2rec_ray.runtime import build_dir, configure_local_env
     from vlm2rec_ray.train.trainer import connect_ray, run_training
@@ -207,17 +234,21 @@ def run_demo(cfg: DemoConfig, *, progress: Callable[[str], None] = print) -> dic
         step += 1
         progress(f"\n[{step}/{total}] {msg}  (t={time.time() - started:.0f} s)")
 
-    stage(f"tiny Qwen2.5-VL backbone -> {backbone_uri(cfg)}")
-    if state.is_done("backbone", "seed0", storage.join(backbone_uri(cfg), "config.json")):
+    kind = "pretrained" if cfg.backbone.pretrain else "random-init"
+    stage(f"{kind} tiny Qwen2.5-VL backbone -> {backbone_uri(cfg)}")
+    key = cfg.backbone.key()
+    if state.is_done("backbone", key, storage.join(backbone_uri(cfg), "config.json")):
         progress("  exists, reused")
     else:
-        if storage.is_s3(cfg.store):
+        if cfg.backbone.pretrain:
+            local = ensure_pretrained_backbone(build_dir() / "backbones", PretrainRecipe(**cfg.backbone.recipe),
+                                               progress=lambda m: progress(f"  {m}"), log_every=100)
+            progress(f"  {local}")
+        else:
             local = build_dir() / "demo_backbone"
             build_tiny_backbone(local, seed=0)
-            storage.upload_dir(local, backbone_uri(cfg), endpoint=endpoint)
-        else:
-            build_tiny_backbone(storage.resolve_local(backbone_uri(cfg)), seed=0)
-        state.mark("backbone", "seed0")
+        storage.upload_dir(local, backbone_uri(cfg), endpoint=endpoint)
+        state.mark("backbone", key)
 
     d = cfg.dataset
     stage(f"synthetic dataset ({d.num_items} items, {d.num_users} users, image-only signal "

@@ -28,6 +28,7 @@ def test_demo_small_on_s3_and_no_credentials_anywhere(moto_endpoint: str, s3_buc
     storage._CLIENTS.clear()
     store = f"s3://{s3_bucket}/demo"
     args = ["demo", f"store={store}", f"endpoint_url={moto_endpoint}", "runs=[VLM_Vanilla, VLM2Rec]",
+            "backbone.recipe.steps=4", "backbone.recipe.corpus_items=64", "backbone.recipe.batch_size=8",
             "dataset.num_items=60", "dataset.num_users=60", "train.train.epochs=1", "train.train.per_device_batch_size=4",
             "evaluate.seeds=[0]", "evaluate.num_negatives=30", "embed.progress=false"]
     result = CliRunner().invoke(app, args)
@@ -43,6 +44,9 @@ def test_demo_small_on_s3_and_no_credentials_anywhere(moto_endpoint: str, s3_buc
     html = storage.read_text(summary["report"], endpoint=moto_endpoint)
     assert "VLM2Rec" in html and "dropout.png" in html
     assert storage.exists(f"{store}/runs/VLM2Rec/model/README.md", endpoint=moto_endpoint)  # model card
+    # The demo starts from the pretrained-like backbone (here a 4-step recipe), copied into the store.
+    built = json.loads(storage.read_text(f"{store}/backbone/vlm2rec_pretrain.json", endpoint=moto_endpoint))
+    assert built["recipe"]["steps"] == 4 and built["corpus"]["id_prefix"] == "P"
 
     # Re-running reuses every finished step.
     again = CliRunner().invoke(app, args)

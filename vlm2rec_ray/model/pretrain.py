@@ -156,8 +156,10 @@ def _clip_loss(a: Any, b: Any, tau: float, keys: list[str]) -> Any:
 
 
 def pretrain_backbone(path: str | os.PathLike[str], recipe: PretrainRecipe | None = None, *,
-                      progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                      progress: Callable[[str], None] | None = None, log_every: int = 25) -> dict[str, Any]:
     """Pre-train the tiny backbone per ``recipe`` and save it (model, tokenizer, processor) to ``path``.
+
+    ``losses`` are means over windows of 25 steps; ``progress`` gets one line every ``log_every`` steps.
 
     Returns:
         The summary also written to ``<path>/vlm2rec_pretrain.json``: ``recipe``, ``recipe_hash``,
@@ -228,7 +230,7 @@ def pretrain_backbone(path: str | os.PathLike[str], recipe: PretrainRecipe | Non
             row.update({k: round(window[k] / window[f"n_{k}"], 4) for k in window if not k.startswith("n_")})
             losses.append(row)
             window = {}
-            if progress is not None:
+            if progress is not None and ((step + 1) % log_every == 0 or step + 1 == recipe.steps):
                 progress("pretrain " + " ".join(f"{k}={v}" for k, v in row.items()))
     model.eval()
     out = Path(path)
@@ -245,7 +247,7 @@ def pretrain_backbone(path: str | os.PathLike[str], recipe: PretrainRecipe | Non
 
 
 def ensure_pretrained_backbone(root: str | os.PathLike[str], recipe: PretrainRecipe | None = None, *,
-                               progress: Callable[[str], None] | None = None) -> Path:
+                               progress: Callable[[str], None] | None = None, log_every: int = 25) -> Path:
     """The cached checkpoint ``<root>/pretrained-<recipe hash>``, built first if missing (atomically: a
     half-built directory is never reused)."""
     recipe = recipe or PretrainRecipe()
@@ -254,7 +256,7 @@ def ensure_pretrained_backbone(root: str | os.PathLike[str], recipe: PretrainRec
         return final
     tmp = final.with_name(final.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    pretrain_backbone(tmp, recipe, progress=progress)
+    pretrain_backbone(tmp, recipe, progress=progress, log_every=log_every)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final

@@ -103,6 +103,7 @@ class StudyConfig(_Part):
         AblationSpec(name="InfoNCE + CRTR", variant="no_penalty", of="VLM2Rec")])
     final_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     eval_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="negative-sampling seeds")
+    num_negatives: int = Field(100, ge=1, description="sampled negatives per user (paper: 100)")
     workers: int = Field(2, ge=1, description="parallel runs (processes of one torch thread)")
 
     @field_validator("select_metric")
@@ -155,7 +156,8 @@ def _train_tree(cfg: StudyConfig, overrides: dict[str, Any], variant: str, point
 
 
 def _run_id(spec: dict[str, Any]) -> str:
-    blob = json.dumps({k: spec[k] for k in ("kind", "train", "splits", "eval_seeds")}, sort_keys=True, default=str)
+    blob = json.dumps({k: spec[k] for k in ("kind", "train", "splits", "eval_seeds", "num_negatives")}, sort_keys=True,
+                      default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -213,7 +215,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         module, history = finetune(cfg, data)
         encoder = module.encoder
     train_s = time.perf_counter() - started
-    metrics = {split: headline(evaluate_encoder(encoder, data, split, seeds=spec["eval_seeds"]))
+    metrics = {split: headline(evaluate_encoder(encoder, data, split, num_negatives=spec["num_negatives"],
+                                                seeds=spec["eval_seeds"]))
                for split in spec["splits"]}
     losses = [r for r in history if "loss" in r]
     last = {k: losses[-1][k] for k in TRAIN_KEYS if losses and k in losses[-1]}
@@ -282,7 +285,7 @@ def run_study(cfg: StudyConfig, *, progress: Callable[[str], None] = print) -> d
     def spec(phase: str, method: str, variant: str, overrides: dict[str, Any], point: dict[str, float], seed: int,
              splits: list[str], kind: str = "finetune") -> dict[str, Any]:
         return {"phase": phase, "method": method, "kind": kind, "point": point, "seed": seed, "splits": splits,
-                "eval_seeds": list(cfg.eval_seeds),
+                "eval_seeds": list(cfg.eval_seeds), "num_negatives": cfg.num_negatives,
                 "train": TrainJobConfig.model_validate(_train_tree(cfg, overrides, variant, point, seed, backbone))
                 .model_dump(mode="json")}
 
