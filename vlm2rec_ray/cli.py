@@ -151,6 +151,8 @@ def prepare_synthetic_cmd(
     seed: int = typer.Option(0, help="random seed (same seed, same data and images)"),
     image_size: int = typer.Option(64, help="image side in pixels"),
     noise: float = typer.Option(0.0, help="share of random steps in the sequences"),
+    coupling: float = typer.Option(0.0, help="share of items/users whose look follows their text (0 = the "
+                                   "modalities are independent)"),
     endpoint: str = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
 ) -> None:
     """Generate the synthetic multimodal benchmark (title-only and image-only item attributes)."""
@@ -160,7 +162,8 @@ def prepare_synthetic_cmd(
 
     try:
         stats = generate_synthetic(out, num_items=num_items, num_users=num_users, image_only_signal=image_only_signal,
-                                   seed=seed, image_size=image_size, noise=noise, endpoint=endpoint)
+                                   seed=seed, image_size=image_size, noise=noise, coupling=coupling,
+                                   endpoint=endpoint)
     except (ValueError, StorageError) as e:
         fail(str(e))
     typer.echo(format_table3(stats, f"synthetic(s={image_only_signal:g})"))

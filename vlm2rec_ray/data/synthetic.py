@@ -11,6 +11,13 @@ random look); a further ``noise`` share of steps picks any item. So a share ``im
 next-item signal is visible only in pixels: a text-only model cannot predict those targets and must
 lose to a model that sees images, by a margin that grows with the knob.
 
+By default text and image attributes are independent, so the two modalities carry complementary, never
+redundant, signal. ``coupling`` (0..1) makes them partly redundant, as a product's title and picture are:
+a share ``coupling`` of the items take the look their text implies (the category fixes the shape, the
+brand the colour: :data:`SHAPE_OF`, :data:`COLOUR_OF`) and the same share of users take the look profile
+their text profile implies. Titles still never name an image attribute. ``coupling = 0`` draws nothing
+extra, so it gives exactly the uncoupled data.
+
 ``generate_synthetic`` writes the same files as ``vlm2rec prepare amazon`` (catalog, interactions, splits,
 stats, ``images/<item_id>.png``), plus ``attributes.parquet`` (each item's latent attributes),
 ``transitions.parquet`` (which kind of step produced each interaction, e.g. to score test targets by
@@ -48,6 +55,9 @@ CATEGORIES = ("mug", "lamp", "backpack", "notebook", "sneaker", "clock")
 BRANDS = ("Aldano", "Brisk", "Corvo", "Dunmore", "Elsby", "Fenwick")
 MATERIALS = ("ceramic", "wooden", "leather", "steel", "cotton", "glass")
 ADJECTIVES = ("classic", "compact", "deluxe", "everyday", "premium", "travel", "modern", "essential")
+# coupling: the look an item's text implies (category -> shape, brand -> colour).
+SHAPE_OF = dict(zip(CATEGORIES, SHAPES, strict=True))
+COLOUR_OF = dict(zip(BRANDS, COLOURS, strict=True))
 IMAGE_WORDS = frozenset(SHAPES) | frozenset(COLOURS) | frozenset(TEXTURES)
 STEP_KINDS = ("image", "text", "noise")
 ATTRIBUTES_SCHEMA = pa.schema(
@@ -183,9 +193,12 @@ def build_synthetic(
     min_length: int = 5,
     max_length: int = 10,
     noise: float = 0.0,
+    coupling: float = 0.0,
 ) -> dict[str, Any]:
     """The synthetic data in memory (no images rendered): ``items`` (dicts of attributes with ``item_id``
     and ``title``), ``interactions`` table and ``transitions`` table. See the module docstring."""
+    if not 0.0 <= coupling <= 1.0:
+        raise ValueError(f"coupling must be in [0, 1], got {coupling}")
     if not 0.0 <= image_only_signal <= 1.0:
         raise ValueError(f"image_only_signal must be in [0, 1], got {image_only_signal}")
     if not 0.0 <= noise < 1.0:
@@ -200,6 +213,12 @@ def build_synthetic(
         raise ValueError(f"max_length={max_length} exceeds num_items={num_items}; sequences never repeat an item")
     rng = random.Random(seed)
     items = _sample_items(num_items, rng)
+    # A separate stream decides coupling, so coupling = 0 leaves every other draw as it was.
+    crng = random.Random(seed * 1_000_003 + 7) if coupling > 0 else None
+    if crng is not None:
+        for attrs in items:
+            if crng.random() < coupling:
+                attrs["shape"], attrs["colour"] = SHAPE_OF[attrs["category"]], COLOUR_OF[attrs["brand"]]
     by_look: dict[tuple[str, str], list[int]] = {}
     by_text: dict[tuple[str, str], list[int]] = {}
     by_attr: dict[tuple[str, str], list[int]] = {}
@@ -215,6 +234,8 @@ def build_synthetic(
         user = f"U{u:05d}"
         look = (rng.choice(SHAPES), rng.choice(list(COLOURS)))
         text = (rng.choice(CATEGORIES), rng.choice(BRANDS))
+        if crng is not None and crng.random() < coupling:
+            look = (SHAPE_OF[text[0]], COLOUR_OF[text[1]])
         used: set[int] = set()
         ts = 1_600_000_000 + u * 97
         for pos in range(rng.randint(min_length, max_length)):
@@ -260,6 +281,7 @@ def generate_synthetic(
     min_length: int = 5,
     max_length: int = 10,
     noise: float = 0.0,
+    coupling: float = 0.0,
     max_history: int = 10,
     endpoint: str | None = None,
     concurrency: int = 16,
@@ -271,6 +293,7 @@ def generate_synthetic(
         image_size: side of the square PNG images in pixels.
         min_length, max_length: range of per-user sequence lengths (uniform).
         noise: share of steps that pick a random item.
+        coupling: share of items (and users) whose look follows their text (see the module docstring).
 
     Returns:
         The Table 3 stats (also in ``stats.json``): users, items, interactions, avg_length, sparsity.
@@ -278,7 +301,7 @@ def generate_synthetic(
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16 pixels, got {image_size}")
     data = build_synthetic(num_items=num_items, num_users=num_users, image_only_signal=image_only_signal, seed=seed,
-                           min_length=min_length, max_length=max_length, noise=noise)
+                           min_length=min_length, max_length=max_length, noise=noise, coupling=coupling)
     items = data["items"]
 
     def write_image(k: int) -> None:
@@ -303,6 +326,7 @@ def generate_synthetic(
     storage.write_parquet(data["transitions"], storage.join(out_uri, "transitions.parquet"), endpoint=endpoint)
     settings = {"num_items": num_items, "num_users": num_users, "image_only_signal": image_only_signal, "seed": seed,
                 "image_size": image_size, "min_length": min_length, "max_length": max_length, "noise": noise,
+                "coupling": coupling,
                 "max_history": max_history}
     storage.write_text(storage.join(out_uri, "synthetic.json"), json.dumps(settings, indent=2) + "\n", endpoint=endpoint)
     interactions = data["interactions"]

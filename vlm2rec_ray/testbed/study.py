@@ -54,6 +54,7 @@ class StudyDataConfig(_Part):
     image_only_signal: float = Field(0.5, ge=0.0, le=1.0)
     image_size: int = Field(32, ge=16, le=512)
     seed: int = 0
+    coupling: float = Field(0.0, ge=0.0, le=1.0, description="share of items/users whose look follows their text")
 
 
 class MethodSpec(_Part):
@@ -250,10 +251,12 @@ def run_study(cfg: StudyConfig, *, progress: Callable[[str], None] = print) -> d
     d = cfg.dataset
     settings = d.model_dump()
     marker = out / "dataset" / "synthetic.json"
-    if not marker.exists() or {k: json.loads(marker.read_text()).get(k) for k in settings} != settings:
+    written = json.loads(marker.read_text()) if marker.exists() else None
+    if written is None or {k: written.get(k, 0.0 if k == "coupling" else None) for k in settings} != settings:
         progress(f"dataset -> {out / 'dataset'}")
         generate_synthetic(str(out / "dataset"), num_items=d.num_items, num_users=d.num_users,
-                           image_only_signal=d.image_only_signal, image_size=d.image_size, seed=d.seed)
+                           image_only_signal=d.image_only_signal, image_size=d.image_size, seed=d.seed,
+                           coupling=d.coupling)
     backbone = cfg.backbone or str(ensure_pretrained_backbone(build_dir() / "backbones", progress=progress))
     progress(f"backbone: {backbone}")
     runs_path = out / "runs.jsonl"

@@ -167,3 +167,23 @@ def test_text_only_loses_to_text_plus_image(tmp_path: Path) -> None:
     generate_synthetic(image_world, num_items=300, num_users=300, image_only_signal=1.0, seed=0)
     assert _hit_at_10(image_world, use_text=False, use_image=True) > 0.9  # the signal really is in the pixels
     assert _hit_at_10(image_world, use_text=True, use_image=False) < 0.2  # and not in the titles
+
+
+def test_coupling_makes_looks_follow_text_and_zero_changes_nothing() -> None:
+    from vlm2rec_ray.data.synthetic import COLOUR_OF, SHAPE_OF
+
+    base = build_synthetic(num_items=240, num_users=100, seed=4)
+    zero = build_synthetic(num_items=240, num_users=100, seed=4, coupling=0.0)
+    assert zero["items"] == base["items"] and zero["interactions"].equals(base["interactions"])
+
+    def follows(items: list[dict[str, str]]) -> float:
+        return sum(SHAPE_OF[i["category"]] == i["shape"] and COLOUR_OF[i["brand"]] == i["colour"] for i in items) / len(items)
+
+    assert follows(base["items"]) < 0.1  # independent: 1/36 by chance
+    half = build_synthetic(num_items=240, num_users=100, seed=4, coupling=0.5)
+    assert 0.4 < follows(half["items"]) < 0.65
+    assert follows(build_synthetic(num_items=240, num_users=100, seed=4, coupling=1.0)["items"]) == 1.0
+    # Titles never name an image attribute, coupled or not.
+    assert not any(set(i["title"].lower().split()) & IMAGE_WORDS for i in half["items"])
+    with pytest.raises(ValueError, match="coupling must be in"):
+        build_synthetic(coupling=1.5)
