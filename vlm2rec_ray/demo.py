@@ -87,6 +87,8 @@ class DemoConfig(_Part):
     runs: list[str] = Field(default_factory=lambda: ["VLM_Vanilla", "VLM_SFT_external", "VLM2Rec"],
                             description="baseline names (jobs/configs/baselines/*.yaml)")
     train: dict[str, Any] = Field(default_factory=dict, description="TrainJobConfig fields shared by trained runs")
+    run_overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per run name, TrainJobConfig fields over `train` (e.g. its tuned lr)")
     embed: dict[str, Any] = Field(default_factory=dict, description="EmbedJobConfig fields shared by every run")
     evaluate: dict[str, Any] = Field(default_factory=dict, description="EvalJobConfig fields shared by every run")
     fresh: bool = Field(False, description="redo every step even when its output exists")
@@ -105,6 +107,11 @@ class DemoConfig(_Part):
 
     @model_validator(mode="after")
     def _jobs_validate(self) -> DemoConfig:
+        from vlm2rec_ray.eval.baselines import BASELINES
+
+        stray = sorted(set(self.run_overrides) - set(BASELINES))
+        if stray:
+            raise ValueError(f"run_overrides names {stray}, which are not baselines; pick from {sorted(BASELINES)}")
         # Build every job config now, so a bad value fails before anything runs.
         for name in self.runs:
             if _is_trained(name):
@@ -148,7 +155,7 @@ def model_uri(cfg: DemoConfig, name: str) -> str:
 
 
 def train_config(cfg: DemoConfig, name: str) -> TrainJobConfig:
-    tree = _merge(cfg.train, _baseline_tree(name))
+    tree = _merge(_merge(cfg.train, _baseline_tree(name)), cfg.run_overrides.get(name, {}))
     tree = _merge(tree, {
         "model": {"name": backbone_uri(cfg), "endpoint_url": cfg.endpoint_url},
         "data": {"dataset_uri": dataset_uri(cfg), "endpoint_url": cfg.endpoint_url},

@@ -22,3 +22,17 @@ def test_a_finished_step_is_skipped_only_while_its_output_exists(tmp_path: Path)
     Path(output).unlink()
     assert not again.is_done("embed/A/items", "k1", output)  # its output was deleted: run it again
     assert not _State(cfg.model_copy(update={"fresh": True})).is_done("embed/A/items", "k1", output)
+
+
+def test_run_overrides_apply_per_run_and_typos_fail() -> None:
+    import pytest
+
+    from vlm2rec_ray.config import ConfigError, load_config
+    from vlm2rec_ray.demo import DEFAULT_CONFIG, train_config
+
+    cfg = load_config(DemoConfig, DEFAULT_CONFIG, ["run_overrides.VLM2Rec.train.lr=0.0003"])
+    assert train_config(cfg, "VLM2Rec").train.lr == 0.0003
+    assert train_config(cfg, "VLM2Rec").objective.variant == "vlm2rec"  # the baseline's own overrides stay
+    assert train_config(cfg, "VLM_SFT_external").train.lr == 0.00025  # demo.yaml: the study's choice for SFT
+    with pytest.raises(ConfigError, match=r"run_overrides names \['VLM2rec'\], which are not baselines"):
+        load_config(DemoConfig, DEFAULT_CONFIG, ["run_overrides.VLM2rec.train.lr=1"])
