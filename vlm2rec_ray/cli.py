@@ -365,7 +365,7 @@ def study(
     configure_local_env()
     result = run_study(cfg, progress=typer.echo)
     typer.echo(format_study(result).split("\nChosen")[0])
-    typer.echo(f"wrote {cfg.out}/study.md, study.json, runs.jsonl in {result['wall_s']:.0f} s")
+    typer.echo(f"wrote {cfg.out}/{cfg.name}.md, {cfg.name}.json, runs.jsonl in {result['wall_s']:.0f} s")
 
 
 @app.command()

@@ -72,7 +72,7 @@ class LoraConfig(_Part):
         return v
 
 
-OBJECTIVE_VARIANTS = ("sft", "vlm2rec", "wpcl", "no_stop_grad", "no_penalty", "no_crtr")
+OBJECTIVE_VARIANTS = ("sft", "vlm2rec", "wpcl", "no_stop_grad", "no_penalty", "no_crtr", "vlm2rec_teacher")
 
 
 class ObjectiveConfig(_Part):
@@ -80,10 +80,11 @@ class ObjectiveConfig(_Part):
 
     ``variant``: ``sft`` (plain fused InfoNCE), ``vlm2rec`` (WPCL + lambda * CRTR), ``wpcl`` / ``no_crtr``
     (WPCL alone), ``no_stop_grad`` (VLM2Rec without the stop-gradient on the strong modality),
-    ``no_penalty`` (VLM2Rec with w_pen = 1, i.e. InfoNCE + CRTR).
+    ``no_penalty`` (VLM2Rec with w_pen = 1, i.e. InfoNCE + CRTR); ``vlm2rec_teacher`` (not the paper's: CRTR
+    one-way, each row's stronger modality a stop-gradient teacher).
     """
 
-    variant: Literal["sft", "vlm2rec", "wpcl", "no_stop_grad", "no_penalty", "no_crtr"] = "vlm2rec"
+    variant: Literal["sft", "vlm2rec", "wpcl", "no_stop_grad", "no_penalty", "no_crtr", "vlm2rec_teacher"] = "vlm2rec"
     tau_wpcl: float = Field(0.1, gt=0.0, description="InfoNCE/WPCL temperature; paper grid {0.05,0.1,0.5,1}")
     tau_crtr: float = Field(0.1, gt=0.0, description="CRTR temperature; paper grid {0.001,0.01,0.1,1}")
     lam: float = Field(0.5, ge=0.0, description="CRTR weight lambda; paper grid {0.1,0.5,1}")

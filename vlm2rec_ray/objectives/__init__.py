@@ -10,7 +10,8 @@ parameters alpha, beta in a small ``nn.Module``::
 
 Variants (the paper's Table 5): ``sft`` (plain fused InfoNCE, eq. 3), ``vlm2rec`` (WPCL + lambda CRTR,
 eq. 14), ``wpcl`` / ``no_crtr`` (WPCL alone), ``no_stop_grad`` (VLM2Rec without the sg on the strong
-margin), ``no_penalty`` (VLM2Rec with w_pen = 1).
+margin), ``no_penalty`` (VLM2Rec with w_pen = 1). Not the paper's: ``vlm2rec_teacher`` (VLM2Rec whose CRTR
+term is one-way, the stronger modality of each row a stop-gradient teacher; see ``crtr_loss``).
 """
 
 from __future__ import annotations
@@ -67,10 +68,11 @@ OBJECTIVES: dict[str, LossFn] = {
     "no_crtr": partial(vlm2rec_loss, use_crtr=False),
     "no_stop_grad": partial(vlm2rec_loss, stop_grad=False),
     "no_penalty": partial(vlm2rec_loss, use_penalty=False),
+    "vlm2rec_teacher": partial(vlm2rec_loss, crtr_teacher=True),
 }
 
 #: Variants whose loss depends on alpha/beta (the others keep them frozen, so no parameter goes unused).
-_USES_PENALTY = {"vlm2rec", "wpcl", "no_crtr", "no_stop_grad"}
+_USES_PENALTY = {"vlm2rec", "wpcl", "no_crtr", "no_stop_grad", "vlm2rec_teacher"}
 
 
 def register_objective(name: str, fn: LossFn, *, uses_penalty: bool = True) -> None:

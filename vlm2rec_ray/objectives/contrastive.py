@@ -282,21 +282,30 @@ def wpcl_loss(z_t: Tensor, z_v: Tensor, e_t: Tensor, e_v: Tensor, tau: float, al
     return info_nce(z_t + z_v, e_t + e_v, tau, neg_mask, neg_weight=penalty)
 
 
-def crtr_loss(z_t: Tensor, z_v: Tensor, e_t: Tensor, e_v: Tensor, tau: float) -> Tensor:
+def crtr_loss(z_t: Tensor, z_v: Tensor, e_t: Tensor, e_v: Tensor, tau: float,
+              text_teaches: Tensor | None = None) -> Tensor:
     """Cross-Modal Relational Topology Regularization (paper eqs. 11-13), arXiv 2603.17450.
 
     Per modality m, ``P^m_i = softmax_j(s(z^m_i, e^m_j) / tau)`` over the B in-batch targets (the first B
     candidates; extra gathered/sampled candidates are ignored), then
     ``L = 1/(2B) sum_i [KL(P^T_i || P^V_i) + KL(P^V_i || P^T_i)]``. Both directions carry gradient.
 
+    ``text_teaches`` (a labelled deviation from eq. 13, not the paper's loss): ``[B]`` bool, per row which
+    modality is the teacher (True: text, False: image; e.g. the stronger margin, as WPCL picks it). The
+    loss is then ``1/B sum_i KL(sg[P^teacher_i] || P^student_i)``: only the student's row moves, towards the
+    teacher's ranking, so it cannot be satisfied by flattening both rows.
+
     Hand-worked (``tau = 1``, B = 2): text similarities ``[[1,0],[0,1]]`` and image ``[[0,1],[1,0]]`` give
     ``P^T_0 = (p, 1-p)``, ``P^V_0 = (1-p, p)`` with ``p = sigmoid(1) = 0.731059``; each KL is
-    ``(2p - 1) * log(p / (1-p)) = 0.462117``, so ``L = (4 * 0.462117) / 4 = 0.462117``.
+    ``(2p - 1) * log(p / (1-p)) = 0.462117``, so ``L = (4 * 0.462117) / 4 = 0.462117``. With text teaching
+    and an image row that is flat (``(1/2, 1/2)``), that row's loss is
+    ``p log(2p) + (1-p) log(2(1-p)) = 0.110944``.
 
     Args:
         z_t, z_v: ``[B, d]`` text / image sequence embeddings.
         e_t, e_v: ``[N, d]`` text / image candidates, ``N >= B``.
         tau: tau_CRTR (> 0).
+        text_teaches: optional ``[B]`` bool teacher choice (see above); None = eq. 13.
 
     Returns:
         Scalar.
@@ -310,6 +319,14 @@ def crtr_loss(z_t: Tensor, z_v: Tensor, e_t: Tensor, e_v: Tensor, tau: float) ->
     b = z_t.shape[0]
     log_p_t = F.log_softmax(_cosine(z_t, e_t[:b]) / tau, dim=1)  # (B, B)
     log_p_v = F.log_softmax(_cosine(z_v, e_v[:b]) / tau, dim=1)  # (B, B)
+    if text_teaches is not None:
+        if text_teaches.shape != (b,) or text_teaches.dtype != torch.bool:
+            raise ValueError(f"text_teaches must be a [B]={b} bool tensor, got {tuple(text_teaches.shape)} "
+                             f"{text_teaches.dtype}")
+        teach = text_teaches.to(log_p_t.device)[:, None]  # (B, 1)
+        log_teacher = torch.where(teach, log_p_t, log_p_v).detach()  # (B, B)
+        log_student = torch.where(teach, log_p_v, log_p_t)  # (B, B)
+        return (log_teacher.exp() * (log_teacher - log_student)).sum(dim=1).mean()
     p_t, p_v = log_p_t.exp(), log_p_v.exp()
     kl_tv = (p_t * (log_p_t - log_p_v)).sum(dim=1)  # KL(P^T || P^V), (B,)
     kl_vt = (p_v * (log_p_v - log_p_t)).sum(dim=1)  # KL(P^V || P^T), (B,)
@@ -318,7 +335,8 @@ def crtr_loss(z_t: Tensor, z_v: Tensor, e_t: Tensor, e_v: Tensor, tau: float) ->
 
 def vlm2rec_loss(z_t: Tensor, z_v: Tensor, e_t: Tensor, e_v: Tensor, *, tau_wpcl: float, tau_crtr: float,
                  lam: float, alpha: Tensor | float, beta: Tensor | float, neg_mask: Tensor | None = None,
-                 stop_grad: bool = True, use_penalty: bool = True, use_crtr: bool = True) -> LossOutput:
+                 stop_grad: bool = True, use_penalty: bool = True, use_crtr: bool = True,
+                 crtr_teacher: bool = False) -> LossOutput:
     """The VLM2Rec objective ``L = L_WPCL + lam * L_CRTR`` (paper eq. 14), arXiv 2603.17450.
 
     The switches give the paper's Table 5 ablations: ``use_penalty=False, use_crtr=False`` is SFT (plain fused
@@ -335,6 +353,8 @@ def vlm2rec_loss(z_t: Tensor, z_v: Tensor, e_t: Tensor, e_v: Tensor, *, tau_wpcl
         alpha, beta: penalty parameters (floats or 0-d tensors).
         neg_mask: ``[B, N]`` bool negatives; default all ``j != i``.
         stop_grad, use_penalty, use_crtr: ablation switches (see above).
+        crtr_teacher: a labelled deviation from eq. 13 (not the paper): per row the modality with the larger
+            margin M (eq. 6) is CRTR's stop-gradient teacher (:func:`crtr_loss` ``text_teaches``).
 
     Returns:
         :class:`LossOutput` with ``total``, ``wpcl``, ``crtr``, ``penalty [B]``, ``margin_text [B]``,
@@ -352,12 +372,13 @@ def vlm2rec_loss(z_t: Tensor, z_v: Tensor, e_t: Tensor, e_v: Tensor, *, tau_wpcl
             m_v = modality_margin(z_v, e_v, neg_mask)
         penalty = torch.ones_like(m_t)
     contrastive = info_nce(z_t + z_v, e_t + e_v, tau_wpcl, neg_mask, neg_weight=penalty if use_penalty else None)
+    teacher = (m_t.detach() >= m_v.detach())[: z_t.shape[0]] if crtr_teacher else None
     if use_crtr:
-        crtr = crtr_loss(z_t, z_v, e_t, e_v, tau_crtr)
+        crtr = crtr_loss(z_t, z_v, e_t, e_v, tau_crtr, text_teaches=teacher)
         total = contrastive + lam * crtr
     else:
         with torch.no_grad():
-            crtr = crtr_loss(z_t, z_v, e_t, e_v, tau_crtr)
+            crtr = crtr_loss(z_t, z_v, e_t, e_v, tau_crtr, text_teaches=teacher)
         total = contrastive
     return LossOutput(total=total, wpcl=contrastive, crtr=crtr, penalty=penalty, margin_text=m_t,
                       margin_image=m_v, alpha=_as_tensor_or_none(alpha), beta=_as_tensor_or_none(beta))

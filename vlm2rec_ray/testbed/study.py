@@ -17,7 +17,8 @@ The protocol (written down in benchmarks/TESTBED.md before any comparison ran):
 Runs execute in ``workers`` processes of one torch thread each (the tiny model runs fastest that way) through
 :func:`vlm2rec_ray.testbed.finetune.finetune` and :func:`vlm2rec_ray.testbed.evaluate.evaluate_encoder`;
 every finished run is appended to ``<out>/runs.jsonl``, so an interrupted study resumes where it stopped.
-The results go to ``<out>/study.json`` and ``<out>/study.md`` (and ``grad_alignment.png``).
+The results go to ``<out>/<name>.json`` and ``<out>/<name>.md`` (and the curves' PNG); studies with other
+``name`` s in the same ``out`` reuse each other's runs (a run is keyed by its settings).
 """
 
 from __future__ import annotations
@@ -85,7 +86,10 @@ class AblationSpec(_Part):
 class StudyConfig(_Part):
     """``vlm2rec study``: see the module docstring for the protocol."""
 
-    out: str = Field("build/study", description="local directory for runs.jsonl, study.json, study.md")
+    out: str = Field("build/study", description="local directory for runs.jsonl, <name>.json, <name>.md")
+    name: str = Field("study", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                      description="names the result files; studies in one `out` share runs.jsonl, so a run "
+                      "another study already made (same settings) is reused")
     dataset: StudyDataConfig = Field(default_factory=StudyDataConfig)
     backbone: str | None = Field(None, description="backbone dir; default the cached pretrained tiny backbone")
     train: dict[str, Any] = Field(default_factory=dict, description="TrainJobConfig tree shared by every run")
@@ -313,9 +317,9 @@ def run_study(cfg: StudyConfig, *, progress: Callable[[str], None] = print) -> d
         pool.shutdown(cancel_futures=True)
     result = _summarise(cfg, backbone, tuning, chosen, finals, entries)
     result["wall_s"] = round(time.time() - started, 1)
-    (out / "study.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "study.md").write_text(format_study(result))
-    _plot_alignment(result, out / "grad_alignment.png")
+    (out / f"{cfg.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{cfg.name}.md").write_text(format_study(result))
+    _plot_alignment(result, out / ("grad_alignment.png" if cfg.name == "study" else f"{cfg.name}_grad_alignment.png"))
     return result
 
 

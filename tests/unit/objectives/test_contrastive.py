@@ -319,3 +319,43 @@ def test_errors_say_what_and_value() -> None:
         info_nce(z, torch.randn(4, 3), 0.1, torch.ones(4, 4))
     with pytest.raises(ValueError, match=r"neg_weight must be a scalar or \[B\]=4"):
         info_nce(z, torch.randn(4, 3), 0.1, neg_weight=torch.ones(3))
+
+
+def test_crtr_teacher_variant_hand_worked_and_one_way() -> None:
+    """Not the paper's eq. 13 (a labelled variant): tau = 1, text rows P^T_0 = (p, 1-p), P^T_1 = (1-p, p) with
+    p = sigmoid(1). Image row 0 is flat (cosines 0.707, 0.707), image row 1 equals text row 1. With text teaching,
+    L = (KL((p, 1-p) || (1/2, 1/2)) + 0) / 2 = (p log 2p + (1-p) log 2(1-p)) / 2 = 0.110944 / 2, and only the
+    image (student) side gets gradient."""
+    import math
+
+    from vlm2rec_ray.objectives import crtr_loss
+
+    z_t = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    e = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    z_v = torch.tensor([[1.0, 1.0], [0.0, 1.0]], requires_grad=True)
+    loss = crtr_loss(z_t, z_v, e, e, 1.0, text_teaches=torch.tensor([True, True]))
+    p = 1 / (1 + math.exp(-1))
+    assert loss.item() == pytest.approx((p * math.log(2 * p) + (1 - p) * math.log(2 * (1 - p))) / 2, rel=1e-6)
+    assert loss.item() == pytest.approx(0.110944 / 2, abs=1e-6)
+    loss.backward()
+    assert z_t.grad is None or z_t.grad.abs().sum() == 0
+    assert z_v.grad is not None and z_v.grad.abs().sum() > 0
+    # Image teaching row 0 instead: the flat image row is the target, the text row moves towards flatness.
+    z_t.grad = None
+    crtr_loss(z_t, z_v.detach(), e, e, 1.0, text_teaches=torch.tensor([False, True])).backward()
+    assert z_t.grad is not None and z_t.grad[0].abs().sum() > 0
+    with pytest.raises(ValueError, match=r"text_teaches must be a \[B\]=2 bool tensor"):
+        crtr_loss(z_t, z_v, e, e, 1.0, text_teaches=torch.tensor([1, 0]))
+
+
+def test_vlm2rec_teacher_variant_uses_the_stronger_margin() -> None:
+    """The registered variant picks, per row, the modality with the larger margin (eq. 6) as the teacher."""
+    from vlm2rec_ray.objectives.contrastive import crtr_loss, modality_margin, vlm2rec_loss
+
+    g = torch.Generator().manual_seed(0)
+    z_t, z_v, e_t, e_v = (torch.randn(6, 8, generator=g) for _ in range(4))
+    out = vlm2rec_loss(z_t, z_v, e_t, e_v, tau_wpcl=0.1, tau_crtr=0.5, lam=1.0, alpha=1.0, beta=1.0, crtr_teacher=True)
+    teach = modality_margin(z_t, e_t) >= modality_margin(z_v, e_v)
+    assert 0 < teach.sum() < 6  # both kinds of rows occur in this draw
+    assert out.crtr.item() == pytest.approx(crtr_loss(z_t, z_v, e_t, e_v, 0.5, text_teaches=teach).item())
+    assert out.total.item() == pytest.approx(out.wpcl.item() + out.crtr.item())

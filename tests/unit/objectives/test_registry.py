@@ -38,6 +38,8 @@ def test_variants_match_the_pure_functions(variant: str) -> None:
     fused = info_nce(z_t + z_v, e_t + e_v, 0.2)
     crtr = crtr_loss(z_t, z_v, e_t, e_v, 0.1)
     full = vlm2rec_loss(z_t, z_v, e_t, e_v, tau_wpcl=0.2, tau_crtr=0.1, lam=0.5, alpha=1.0, beta=1.0)
+    teacher = vlm2rec_loss(z_t, z_v, e_t, e_v, tau_wpcl=0.2, tau_crtr=0.1, lam=0.5, alpha=1.0, beta=1.0,
+                           crtr_teacher=True)
     expected = {
         "sft": fused,
         "no_penalty": fused + 0.5 * crtr,
@@ -45,11 +47,12 @@ def test_variants_match_the_pure_functions(variant: str) -> None:
         "no_crtr": full.wpcl,
         "vlm2rec": full.total,
         "no_stop_grad": full.total,
+        "vlm2rec_teacher": teacher.total,
     }[variant]
     assert out.total.item() == pytest.approx(expected.item(), rel=1e-5)
     assert set(out.metrics()) >= {"loss", "loss_wpcl", "loss_crtr", "penalty_mean", "margin_text", "margin_image",
                                   "alpha", "beta"}
-    uses_penalty = variant in {"vlm2rec", "wpcl", "no_crtr", "no_stop_grad"}
+    uses_penalty = variant in {"vlm2rec", "wpcl", "no_crtr", "no_stop_grad", "vlm2rec_teacher"}
     assert len(list(obj.parameters())) == (2 if uses_penalty else 0)  # no unused parameters for DDP/ZeRO
 
 
