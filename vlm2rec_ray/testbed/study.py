@@ -64,6 +64,8 @@ class MethodSpec(_Part):
     name: str
     variant: str
     search: list[str] = Field(default_factory=lambda: ["lr", "tau_wpcl"])
+    grid: dict[str, list[float]] = Field(default_factory=dict, description="this method's own values for some "
+                                         "search keys (default: the study's lrs / tau_wpcl / tau_crtr / lam)")
     overrides: dict[str, Any] = Field(default_factory=dict, description="TrainJobConfig tree merged over `train`")
 
     @field_validator("search")
@@ -73,6 +75,14 @@ class MethodSpec(_Part):
         if bad or len(set(v)) != len(v):
             raise ValueError(f"search={v}: keys must be distinct among {sorted(SEARCH_KEYS)}")
         return v
+
+    @model_validator(mode="after")
+    def _own_grid(self) -> MethodSpec:
+        stray = sorted(set(self.grid) - set(self.search))
+        if stray or any(not values for values in self.grid.values()):
+            raise ValueError(f"method {self.name!r}: grid keys {sorted(self.grid)} must be non-empty and among its "
+                             f"search keys {self.search}")
+        return self
 
 
 class AblationSpec(_Part):
@@ -140,7 +150,7 @@ class StudyConfig(_Part):
 
 def _grid(cfg: StudyConfig, method: MethodSpec) -> list[dict[str, float]]:
     """The method's tuning points: the full grid if it fits the budget, else a seeded sample of ``budget``."""
-    values = {"lr": cfg.lrs, "tau_wpcl": cfg.tau_wpcl, "tau_crtr": cfg.tau_crtr, "lam": cfg.lam}
+    values = {"lr": cfg.lrs, "tau_wpcl": cfg.tau_wpcl, "tau_crtr": cfg.tau_crtr, "lam": cfg.lam, **method.grid}
     points = [dict(zip(method.search, combo, strict=True))
               for combo in itertools.product(*(values[k] for k in method.search))]
     if len(points) <= cfg.budget:

@@ -122,6 +122,10 @@ def test_grid_is_whole_when_it_fits_else_a_seeded_sample() -> None:
     assert len(sample) == 24 and len({tuple(sorted(p.items())) for p in sample}) == 24  # no repeats
     assert sample == _grid(cfg, vlm) and sample != _grid(cfg.model_copy(update={"search_seed": 1}), vlm)
     assert all(p["tau_crtr"] in cfg.tau_crtr and p["lam"] in cfg.lam for p in sample)
+    own = MethodSpec(name="V", variant="vlm2rec", search=["tau_crtr", "lam"], grid={"tau_crtr": [0.2, 0.3]})
+    assert _grid(cfg, own) == [{"tau_crtr": t, "lam": lam} for t in (0.2, 0.3) for lam in cfg.lam]
+    with pytest.raises(ValueError, match="grid keys"):
+        MethodSpec(name="V", variant="sft", search=["lr"], grid={"tau_crtr": [0.2]})
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
