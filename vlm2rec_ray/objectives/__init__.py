@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlm2rec_ray.objectives.cmsa import cmsa_loss
 from vlm2rec_ray.objectives.contrastive import (
     LossOutput,
     build_neg_mask,
@@ -47,6 +48,7 @@ __all__ = [
     "VLM2RecObjective",
     "build_neg_mask",
     "build_objective",
+    "cmsa_loss",
     "crtr_loss",
     "gather_with_grad",
     "info_nce",
