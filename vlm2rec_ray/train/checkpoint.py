@@ -201,6 +201,7 @@ def find_latest_complete(fs: pyarrow.fs.FileSystem, run_path: str) -> tuple[str,
 def restore_from_ray(engine: DeepSpeedEngine, *, trainable_only: bool
                      ) -> tuple[TrainState, list[dict[str, Any]]] | None:
     """The latest complete checkpoint of this run (after a failure or on a re-run), or None on a fresh start."""
+    import pyarrow.fs
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
@@ -217,7 +218,15 @@ def restore_from_ray(engine: DeepSpeedEngine, *, trainable_only: bool
         checkpoint = ray.train.Checkpoint(path=found[0], filesystem=storage_ctx.storage_filesystem)
     if checkpoint is None:
         return None
-    with checkpoint.as_directory() as directory:
-        state, history = load_checkpoint_dir(engine, directory, trainable_only=trainable_only)
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        state, history = load_checkpoint_dir(engine, checkpoint.path, trainable_only=trainable_only)
+    else:
+        # Each worker downloads into its own directory. Ray's shared as_directory() lets a worker that arrives after
+        # another's download has finished download again into the same directory, over files the first is still
+        # reading (a fresh-clone CI run read a half-rewritten ZeRO shard: EOFError in torch.load).
+        rank = ray.train.get_context().get_world_rank()
+        with tempfile.TemporaryDirectory(prefix=f"vlm2rec-restore-rank{rank}-") as tmp:
+            directory = checkpoint.to_directory(tmp)
+            state, history = load_checkpoint_dir(engine, directory, trainable_only=trainable_only)
     state.resumes.append(state.global_step)
     return state, history
