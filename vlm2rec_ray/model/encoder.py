@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from vlm2rec_ray.model import prompts
+from vlm2rec_ray.model import moda, prompts
 
 __all__ = ["EncoderOutput", "VLM2RecEncoder", "fuse"]
 
@@ -92,7 +92,8 @@ class VLM2RecEncoder(nn.Module):
 
         transformers 5 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` (the old
         name warns); the new one is used when the backbone has it."""
-        kwargs = {"use_reentrant": False}
+        # context_fn replays the MoDA modality of the original forward when a layer is recomputed in backward.
+        kwargs = {"use_reentrant": False, "context_fn": moda.checkpoint_context}
         if hasattr(self.backbone, "activation_checkpointing_enable"):
             self.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
@@ -115,13 +116,15 @@ class VLM2RecEncoder(nn.Module):
         """``[B, d]`` embeddings of P_T over each history's last ``max_history`` titles."""
         contents = [prompts.text_sequence_prompt(self._truncate(t), max_title_chars=self.max_title_chars)
                     for t in _rows(titles, "titles")]
-        return self._embed(contents)
+        with moda.modality(moda.TEXT):  # routes MoDA adapters, if any
+            return self._embed(contents)
 
     def encode_image_sequences(self, images: Sequence[Sequence[Any]]) -> Tensor:
         """``[B, d]`` embeddings of P_V over each history's last ``max_history`` images."""
         rows = [self._truncate(r) for r in _rows(images, "images")]
         contents = [prompts.image_sequence_prompt(len(r)) for r in rows]
-        return self._embed(contents, [img for r in rows for img in r])
+        with moda.modality(moda.IMAGE):
+            return self._embed(contents, [img for r in rows for img in r])
 
     def encode_sequences(self, titles: Sequence[Sequence[str]],
                          images: Sequence[Sequence[Any]]) -> tuple[Tensor, Tensor]:

@@ -9,14 +9,37 @@ layer a modality table ``Embedding(2, 64)`` and a gate ``Linear(64, E, bias=Fals
 
 with ``A ~ N(0, 0.01^2)``, ``B = 0``. :func:`moda_delta` is the adapter update as a pure function; E = 1
 (gate 1) is plain LoRA.
+
+In this project the text prompt and the image prompt are separate forward passes (external fusion), so the
+modality is one value per forward: the encoder wraps each pass in :func:`modality` (``TEXT`` or ``IMAGE``)
+and every :class:`MoDALinear` reads it. Activation checkpointing recomputes a layer during backward, outside
+that ``with`` block; :func:`checkpoint_context` (passed as ``context_fn`` to ``torch.utils.checkpoint``)
+replays the modality of the original forward. Differences from SDA's code, both deliberate: one dropout
+mask for all experts (SDA draws one per expert), and the gate is computed once per forward, not per token
+(the same values: it depends on the modality only).
+
+Because the gate depends on the modality only, a trained MoDA layer is, for each modality, an ordinary
+rank-r LoRA: ``B' = [w_1 B_1 | ... | w_E B_E]``, ``A' = [A_1; ...; A_E]``, same ``alpha / r``.
+:func:`lora_weights_for` gives those per-modality matrices; the export writes one PEFT adapter per modality
+so the embedding job can switch adapters between its text and image passes.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+import contextlib
+import re
+from collections.abc import Iterator
+from typing import Any
 
-__all__ = ["moda_delta"]
+import torch
+from torch import Tensor, nn
+
+__all__ = ["IMAGE", "TEXT", "MoDALinear", "apply_moda", "checkpoint_context", "current_modality",
+           "lora_weights_for", "moda_delta", "modality"]
+
+IMAGE = 0  # SDA's ids: 0 = image sequence, 1 = text sequence
+TEXT = 1
+_current: list[int] = []  # a stack: the modality of the forward in progress
 
 
 def moda_delta(x: Tensor, A: Tensor, B: Tensor, gate: Tensor, scaling: float) -> Tensor:
@@ -49,3 +72,109 @@ def moda_delta(x: Tensor, A: Tensor, B: Tensor, gate: Tensor, scaling: float) ->
     low = low * gate.to(low.dtype)[:, None, :, None]  # weight each expert per sample
     out = torch.einsum("nter,eor->nto", low, B) * scaling  # (N, T, d_out)
     return out.reshape(*x.shape[:-1], B.shape[1])
+
+
+@contextlib.contextmanager
+def modality(m: int) -> Iterator[None]:
+    """Every :class:`MoDALinear` forward inside this block routes by modality ``m`` (``TEXT`` or ``IMAGE``)."""
+    if m not in (IMAGE, TEXT):
+        raise ValueError(f"modality must be vlm2rec_ray.model.moda.TEXT (1) or IMAGE (0), got {m!r}")
+    _current.append(m)
+    try:
+        yield
+    finally:
+        _current.pop()
+
+
+def current_modality() -> int | None:
+    """The modality of the forward in progress, or None outside :func:`modality`."""
+    return _current[-1] if _current else None
+
+
+def checkpoint_context() -> tuple[Any, Any]:
+    """``context_fn`` for non-reentrant ``torch.utils.checkpoint``: the recomputation during backward runs
+    under the modality the original forward had."""
+    m = current_modality()
+    return contextlib.nullcontext(), (modality(m) if m is not None else contextlib.nullcontext())
+
+
+class MoDALinear(nn.Module):
+    """``y = W0 x + (alpha / r) * sum_e w_e(m) B_e A_e dropout(x)`` around a frozen ``base`` Linear.
+
+    Args:
+        base: the frozen linear layer (its weight and bias are not trained).
+        r: total rank, split over ``num_experts`` experts (``r % num_experts == 0``).
+        alpha: LoRA alpha (scaling ``alpha / r`` with the full r, as SDA).
+        num_experts: E.
+        dropout: dropout on the adapter's input.
+        gate_dim: width of the modality embedding (SDA: 64).
+    """
+
+    def __init__(self, base: nn.Linear, *, r: int, alpha: float, num_experts: int, dropout: float = 0.0,
+                 gate_dim: int = 64):
+        super().__init__()
+        if num_experts < 1 or r % num_experts:
+            raise ValueError(f"MoDA needs r divisible by num_experts, got r={r}, num_experts={num_experts}; pick "
+                             "lora.r as a multiple of lora.num_experts (e.g. r=16, num_experts=8)")
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        d_in, d_out, k = base.in_features, base.out_features, r // num_experts
+        dtype, device = base.weight.dtype, base.weight.device
+        self.lora_A = nn.Parameter(torch.randn(num_experts, k, d_in, dtype=dtype, device=device) * 0.01)
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, d_out, k, dtype=dtype, device=device))
+        self.modality_embedding = nn.Embedding(2, gate_dim, dtype=dtype, device=device)
+        self.gate = nn.Linear(gate_dim, num_experts, bias=False, dtype=dtype, device=device)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.r, self.alpha, self.num_experts = int(r), float(alpha), int(num_experts)
+        self.scaling = float(alpha) / int(r)
+
+    def expert_weights(self, m: int) -> Tensor:
+        """``[E]`` softmax gate of modality ``m``."""
+        idx = torch.tensor([m], device=self.modality_embedding.weight.device)
+        return torch.softmax(self.gate(self.modality_embedding(idx)), dim=-1)[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = current_modality()
+        if m is None:
+            raise RuntimeError("a MoDA layer ran outside `with vlm2rec_ray.model.moda.modality(TEXT|IMAGE)`; the "
+                               "VLM2RecEncoder sets it for every pass; other callers must set it too")
+        y = self.base(x)
+        gate = self.expert_weights(m).to(x.dtype).expand(x.shape[0], -1)  # (N, E), one modality per forward
+        return y + moda_delta(self.dropout(x), self.lora_A.to(x.dtype), self.lora_B.to(x.dtype), gate, self.scaling)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, num_experts={self.num_experts}"
+
+
+def apply_moda(model: nn.Module, *, target_modules: str, r: int, alpha: float, num_experts: int,
+               dropout: float = 0.0) -> list[str]:
+    """Replace every ``nn.Linear`` whose name matches ``target_modules`` (a regex, full match) by a
+    :class:`MoDALinear`, freeze everything else; returns the replaced names.
+
+    Raises:
+        ValueError: the regex matches no Linear.
+    """
+    pattern = re.compile(target_modules)
+    names = [n for n, mod in model.named_modules() if pattern.fullmatch(n) and isinstance(mod, nn.Linear)]
+    if not names:
+        raise ValueError(f"lora.target_modules={target_modules!r} matches no nn.Linear in {type(model).__name__}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, MoDALinear(getattr(parent, child), r=r, alpha=alpha, num_experts=num_experts,
+                                          dropout=dropout))
+    return names
+
+
+@torch.no_grad()
+def lora_weights_for(layer: MoDALinear, m: int) -> tuple[Tensor, Tensor]:
+    """``(A', B')`` of the rank-r LoRA equal to ``layer`` under modality ``m``: ``A' [r, d_in]``,
+    ``B' [d_out, r]``; ``alpha / r`` is unchanged, so ``scaling * B' A' = scaling * sum_e w_e B_e A_e``."""
+    w = layer.expert_weights(m).float()  # (E,)
+    a = layer.lora_A.float().reshape(-1, layer.lora_A.shape[-1])  # (E * r/E, d_in)
+    b = torch.cat([w[e] * layer.lora_B[e].float() for e in range(layer.num_experts)], dim=1)  # (d_out, r)
+    return a, b
+

@@ -42,3 +42,94 @@ def test_shape_errors_name_the_shapes() -> None:
         moda_delta(torch.zeros(2, 3), torch.zeros(2, 1, 3), torch.zeros(3, 4, 1), torch.zeros(2, 2), 1.0)
     with pytest.raises(ValueError, match=r"gate must be \[N, E\] = \[2, 2\]"):
         moda_delta(torch.zeros(2, 3), torch.zeros(2, 1, 3), torch.zeros(2, 4, 1), torch.zeros(2, 3), 1.0)
+
+
+def _layer(e: int = 4, r: int = 8, seed: int = 0) -> torch.nn.Module:
+    from vlm2rec_ray.model.moda import MoDALinear
+
+    torch.manual_seed(seed)
+    layer = MoDALinear(torch.nn.Linear(6, 5), r=r, alpha=16, num_experts=e)
+    with torch.no_grad():
+        layer.lora_B.normal_()  # B starts at 0 (no update); give it something to route
+        layer.modality_embedding.weight.normal_()
+    return layer
+
+
+def test_layer_routes_by_modality_and_refuses_no_modality() -> None:
+    from vlm2rec_ray.model.moda import IMAGE, TEXT, modality
+
+    layer = _layer()
+    x = torch.randn(3, 2, 6)
+    with modality(TEXT):
+        y_text = layer(x)
+    with modality(IMAGE):
+        y_image = layer(x)
+    base = layer.base(x)
+    assert not torch.allclose(y_text, y_image) and not torch.allclose(y_text, base)
+    gate = layer.expert_weights(TEXT)
+    expected = base + moda_delta(x, layer.lora_A, layer.lora_B, gate.expand(3, -1), layer.scaling)
+    assert torch.allclose(y_text, expected, atol=1e-6)
+    with pytest.raises(RuntimeError, match=r"outside `with vlm2rec_ray\.model\.moda\.modality"):
+        layer(x)
+    with pytest.raises(ValueError, match="r divisible by num_experts"):
+        _layer(e=3, r=8)
+
+
+def test_per_modality_lora_weights_reproduce_the_layer() -> None:
+    """The export's rule: under modality m the layer is a rank-r LoRA with A' = [A_e], B' = [w_e B_e]."""
+    from vlm2rec_ray.model.moda import IMAGE, TEXT, lora_weights_for, modality
+
+    layer = _layer()
+    x = torch.randn(4, 6)
+    for m in (TEXT, IMAGE):
+        a, b = lora_weights_for(layer, m)
+        assert a.shape == (8, 6) and b.shape == (5, 8)
+        with modality(m), torch.no_grad():
+            assert torch.allclose(layer(x), layer.base(x) + layer.scaling * x @ a.T @ b.T, atol=1e-5)
+
+
+def test_apply_moda_on_the_tiny_backbone(tiny_backbone_dir) -> None:
+    """Only the adapters and gates train; at init (B = 0) the encoder equals the base model; activation
+    checkpointing recomputes each layer under the modality its forward had (same gradients as without)."""
+    from PIL import Image
+
+    from vlm2rec_ray.model.backbone import load_backbone
+    from vlm2rec_ray.model.encoder import VLM2RecEncoder
+    from vlm2rec_ray.model.moda import MoDALinear, apply_moda
+
+    titles = [["red mug", "blue lamp"], ["green hat"]]
+    images = [[Image.new("RGB", (56, 56), (200, 10, 10)), Image.new("RGB", (56, 56), (10, 10, 200))],
+              [Image.new("RGB", (56, 56), (10, 200, 10))]]
+
+    def build(checkpointing: bool) -> VLM2RecEncoder:
+        model, processor = load_backbone(str(tiny_backbone_dir))
+        torch.manual_seed(0)
+        names = apply_moda(model, target_modules=r".*language_model.*\.(q_proj|v_proj)$", r=4, alpha=8,
+                           num_experts=2)
+        assert len(names) == 4 and all(isinstance(model.get_submodule(n), MoDALinear) for n in names)
+        trainable = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable == {"lora_A", "lora_B", "weight"}  # weight: the modality embedding and the gate
+        enc = VLM2RecEncoder(model, processor)
+        if checkpointing:
+            enc.enable_gradient_checkpointing()
+        return enc
+
+    base_model, processor = load_backbone(str(tiny_backbone_dir))
+    with torch.no_grad():
+        ref = VLM2RecEncoder(base_model, processor).encode_sequences(titles, images)
+        got = build(False).encode_sequences(titles, images)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ref, got, strict=True))
+
+    grads = []
+    for checkpointing in (False, True):
+        enc = build(checkpointing)
+        enc.train()
+        with torch.no_grad():
+            for mod in enc.modules():
+                if isinstance(mod, MoDALinear):
+                    mod.lora_B.normal_(std=0.1)
+        z_t, z_v = enc.encode_sequences(titles, images)
+        (z_t.sum() + 2 * z_v.sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 16
+    assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-5) for k in grads[0])
