@@ -95,7 +95,21 @@ def checkpoint_context() -> tuple[Any, Any]:
     """``context_fn`` for non-reentrant ``torch.utils.checkpoint``: the recomputation during backward runs
     under the modality the original forward had."""
     m = current_modality()
-    return contextlib.nullcontext(), (modality(m) if m is not None else contextlib.nullcontext())
+    return contextlib.nullcontext(), (_Replay(m) if m is not None else contextlib.nullcontext())
+
+
+class _Replay:
+    """Re-enterable :func:`modality` block: a layer is recomputed once per backward pass over it, and a
+    ``torch.autograd.grad(..., retain_graph=True)`` followed by another backward recomputes it twice."""
+
+    def __init__(self, m: int):
+        self.m = m
+
+    def __enter__(self) -> None:
+        _current.append(self.m)
+
+    def __exit__(self, *exc: object) -> None:
+        _current.pop()
 
 
 class MoDALinear(nn.Module):

@@ -133,3 +133,25 @@ def test_apply_moda_on_the_tiny_backbone(tiny_backbone_dir) -> None:
         grads.append({n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 16
     assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-5) for k in grads[0])
+
+
+def test_checkpoint_context_replays_on_every_recomputation() -> None:
+    """A checkpointed MoDA layer backpropagated twice over one graph (``autograd.grad(retain_graph=True)``
+    then ``backward``, as the gradient-alignment probe does) recomputes under the original modality both times."""
+    from torch.utils.checkpoint import checkpoint
+
+    from vlm2rec_ray.model.moda import IMAGE, MoDALinear, checkpoint_context, current_modality, modality
+
+    torch.manual_seed(0)
+    layer = MoDALinear(torch.nn.Linear(3, 2), r=2, alpha=2, num_experts=2)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 3)
+    with modality(IMAGE):
+        ref = torch.autograd.grad(layer(x).square().sum(), layer.lora_A)[0]
+        y = checkpoint(layer, x, use_reentrant=False, context_fn=checkpoint_context)
+    loss = y.square().sum()
+    first = torch.autograd.grad(loss, layer.lora_A, retain_graph=True)[0]
+    loss.backward()
+    assert current_modality() is None
+    assert torch.allclose(first, ref) and torch.allclose(layer.lora_A.grad, ref)
