@@ -211,7 +211,7 @@ def run_demo(cfg: DemoConfig, *, progress: Callable[[str], None] = print) -> dic
     if state.is_done("backbone", "seed0", storage.join(backbone_uri(cfg), "config.json")):
         progress("  exists, reused")
     else:
-        if storage.is_s3(cfg.store):
+        if storage.is_remote(cfg.store):
             local = build_dir() / "demo_backbone"
             build_tiny_backbone(local, seed=0)
             storage.upload_dir(local, backbone_uri(cfg), endpoint=endpoint)

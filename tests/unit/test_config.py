@@ -44,7 +44,7 @@ def test_errors_name_setting_value_and_fix(tmp_path: Path) -> None:
         load_config(ModelConfig, bad)
     with pytest.raises(ConfigError, match=r"not a valid regex"):
         load_config(LoraConfig, None, ["target_modules=(q_proj"])
-    with pytest.raises(ConfigError, match=r"variant: Input should be 'sft'"):
+    with pytest.raises(ConfigError, match=r"variant: objective.variant='magic' is not a registered objective; choose one of \[.*'sft'.*\] or register it"):
         load_config(ObjectiveConfig, None, ["variant=magic"])
 
 

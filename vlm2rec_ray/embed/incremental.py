@@ -157,22 +157,18 @@ def classify(index: KeyIndex | None, ids: Sequence[str | None], hashes: Sequence
 
 def read_key_columns(files: Sequence[str], key: str, *, endpoint: str | None) -> tuple[np.ndarray, np.ndarray, int]:
     """``(id keys, hash keys, rows)`` of Parquet files' ``key`` and ``content_hash`` columns, streamed by row
-    group (only those two columns are read, through :func:`vlm2rec_ray.storage.open_input_file`, so S3
-    retries are counted in :func:`vlm2rec_ray.storage.retry_attempts`).
+    group (only those two columns are read).
 
     Raises:
         StorageError: a file is missing or unreadable.
     """
-    import pyarrow.parquet as pq
-
     from vlm2rec_ray import storage
 
     ks: list[np.ndarray] = []
     vs: list[np.ndarray] = []
     rows = 0
     for f in files:
-        with storage.open_input_file(f, endpoint=endpoint) as fh:
-            pf = pq.ParquetFile(fh)
+        with storage.open_parquet(f, endpoint=endpoint) as pf:
             for batch in pf.iter_batches(columns=[key, "content_hash"], batch_size=65_536):
                 rows += batch.num_rows
                 ks.append(id_keys(batch.column(key).to_pylist()))

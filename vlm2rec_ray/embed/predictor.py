@@ -2,8 +2,8 @@
 
 Ray Data calls ``EmbedPredictor(config, kind, dim)`` once per actor (the model loads there, on its GPU(s)
 or CPU) and then ``predictor(batch)`` per batch of encode rows (``pyarrow.Table``, see
-:data:`vlm2rec_ray.embed.preprocess.ENCODE_ROW_SCHEMA`). It returns *sink rows*: ids, the three embeddings
-as ``fixed_size_list<float32, d>`` and small metadata; the pixels never leave the actor.
+:func:`vlm2rec_ray.embed.schema.row_schema`, status ``encode``) and returns them ``encoded``: ids, the three
+embeddings as ``fixed_size_list<float32, d>`` and small metadata; the pixels never leave the actor.
 
 What the actor computes per row (paper 2.2-2.3): ``emb_text`` = the titles through P_T, ``emb_image`` = the
 images through P_V, ``emb_fused`` = their element-wise sum (external fusion). With ``model.fusion:
@@ -35,34 +35,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from vlm2rec_ray.embed.schema import EMBEDDED_AT_TYPE, HISTORY_TYPE, embedding_type
+from vlm2rec_ray.embed.schema import fixed_size_list
 
 log = logging.getLogger(__name__)
-
-
-def sink_row_schema(dim: int) -> pa.Schema:
-    """Rows the model stage (and the carry-over / failed branches) hand to the snapshot sink."""
-    emb = embedding_type(dim)
-    return pa.schema([
-        ("key", pa.string()),
-        ("history", HISTORY_TYPE),
-        ("emb_text", emb),
-        ("emb_image", emb),
-        ("emb_fused", emb),
-        ("content_hash", pa.string()),
-        ("embedded_at", EMBEDDED_AT_TYPE),
-        ("status", pa.string()),  # "encoded" | "carried" | "failed" | "stats" (counters only: preprocess.stats_row)
-        ("change", pa.string()),  # "new" | "changed" | "unchanged" | ""
-        ("in_prev", pa.bool_()),
-        ("reason", pa.string()),
-        ("detail", pa.string()),
-        ("title", pa.string()),
-        ("image_uri", pa.string()),
-        ("failed_item_id", pa.string()),
-        ("texts_encoded", pa.int32()),  # forwards this row triggered (0 when served by dedup/cache)
-        ("images_encoded", pa.int32()),
-        ("storage_retries", pa.int32()),  # S3 retries carried by the row (see preprocess.ENCODE_ROW_SCHEMA)
-    ])
 
 
 # Bytes an LRU entry costs besides its d floats (the 64-character key string, its OrderedDict slot and slot
@@ -294,64 +269,50 @@ class BatchEncoder:
     # ------------------------------------------------------------------ tables
 
     def embed_table(self, batch: pa.Table) -> pa.Table:
-        """Encode rows (``ENCODE_ROW_SCHEMA``) -> sink rows (:func:`sink_row_schema`)."""
+        """Rows to encode (status ``encode``; ``failed`` rows pass through) -> ``encoded`` rows with the three
+        embeddings (or ``failed`` with ``encode_error``); the pixels stay here."""
         from PIL import Image
 
-        from vlm2rec_ray.embed.schema import fixed_size_list
+        from vlm2rec_ray.embed.schema import rows
 
         n = batch.num_rows
-        cols = {c: batch.column(c).to_pylist() for c in ("key", "status", "change", "in_prev", "reason", "detail",
-                                                          "title", "image_uri", "failed_item_id", "content_hash")}
-        ok = [i for i, s in enumerate(cols["status"]) if s == "encode"]
-        status = ["failed"] * n
-        reason, detail = list(cols["reason"]), list(cols["detail"])
+        status, reason, detail = (batch.column(c).to_pylist() for c in ("status", "reason", "detail"))
+        ok = [i for i, s in enumerate(status) if s == "encode"]
         n_text, n_image = [0] * n, [0] * n
         emb = np.zeros((3, n, self.dim), np.float32)
         if ok:
-            titles_col = batch.column("titles")
-            pix_col, w_col, h_col = batch.column("pixels"), batch.column("widths"), batch.column("heights")
-            titles, images = [], []
-            for i in ok:
-                titles.append(titles_col[i].as_py())
-                images.append([Image.frombytes("RGB", (int(w), int(h)), p)
-                               for p, w, h in zip(pix_col[i].as_py(), w_col[i].as_py(), h_col[i].as_py(), strict=True)])
-            tk = [batch.column("text_key")[i].as_py() for i in ok]
-            ik = [batch.column("image_key")[i].as_py() for i in ok]
-            e_t, e_v, e_f, nt, ni, errors = self.encode(titles, images, tk, ik)
+            titles = [batch.column("titles")[i].as_py() for i in ok]
+            images = [[Image.frombytes("RGB", (int(w), int(h)), p) for p, w, h in zip(
+                *(batch.column(c)[i].as_py() for c in ("pixels", "widths", "heights")), strict=True)] for i in ok]
+            keys = [[batch.column(c)[i].as_py() for i in ok] for c in ("text_key", "image_key")]
+            e_t, e_v, e_f, nt, ni, errors = self.encode(titles, images, *keys)
             for j, i in enumerate(ok):
-                emb[0, i], emb[1, i], emb[2, i] = e_t[j], e_v[j], e_f[j]
+                emb[:, i] = e_t[j], e_v[j], e_f[j]
                 n_text[i], n_image[i] = nt[j], ni[j]
                 if j in errors:
-                    reason[i], detail[i] = "encode_error", errors[j]
+                    status[i], reason[i], detail[i] = "failed", "encode_error", errors[j]
                 else:
                     status[i] = "encoded"
         valid = np.asarray([s == "encoded" for s in status])
         mask = pa.array(~valid)
-        now = _dt.datetime.now(_dt.timezone.utc)
 
         def fsl(m: np.ndarray) -> pa.Array:
             arr = fixed_size_list(m, self.dim)
             return pa.FixedSizeListArray.from_arrays(arr.values, type=arr.type, mask=mask)
 
-        return pa.Table.from_arrays([
-            batch.column("key"),
-            batch.column("history"),
-            fsl(emb[0]), fsl(emb[1]), fsl(emb[2]),
-            pa.array([h if v else None for h, v in zip(cols["content_hash"], valid, strict=True)], pa.string()),
-            pa.array([now if v else None for v in valid], EMBEDDED_AT_TYPE),
-            pa.array(status, pa.string()),
-            pa.array([c if v else "" for c, v in zip(cols["change"], valid, strict=True)], pa.string()),
-            pa.array(cols["in_prev"], pa.bool_()),
-            pa.array(reason, pa.string()),
-            pa.array(detail, pa.string()),
-            # ok rows drop title/uri: only ids, embeddings and small metadata go downstream
-            pa.array([None if v else t for t, v in zip(cols["title"], valid, strict=True)], pa.string()),
-            pa.array([None if v else u for u, v in zip(cols["image_uri"], valid, strict=True)], pa.string()),
-            pa.array(cols["failed_item_id"], pa.string()),
-            pa.array(n_text, pa.int32()),
-            pa.array(n_image, pa.int32()),
-            batch.column("storage_retries") if "storage_retries" in batch.column_names else pa.nulls(n, pa.int32()),
-        ], schema=sink_row_schema(self.dim))
+        def unless_ok(column: str) -> list[Any]:  # ok rows drop what only the errors table needs
+            return [None if v else x for x, v in zip(batch.column(column).to_pylist(), valid, strict=True)]
+
+        now = _dt.datetime.now(_dt.timezone.utc)
+        return rows(self.dim, n, key=batch.column("key"), history=batch.column("history"), emb_text=fsl(emb[0]),
+                    emb_image=fsl(emb[1]), emb_fused=fsl(emb[2]),
+                    content_hash=[h if v else None for h, v in zip(batch.column("content_hash").to_pylist(), valid,
+                                                                   strict=True)],
+                    embedded_at=[now if v else None for v in valid], status=status,
+                    change=[c if v else "" for c, v in zip(batch.column("change").to_pylist(), valid, strict=True)],
+                    in_prev=batch.column("in_prev"), reason=reason, detail=detail, title=unless_ok("title"),
+                    image_uri=unless_ok("image_uri"), failed_item_id=batch.column("failed_item_id"),
+                    texts_encoded=n_text, images_encoded=n_image)
 
 
 def load_encoder(cfg: Any, gpus: float = 0.0) -> Any:
@@ -366,7 +327,7 @@ def load_encoder(cfg: Any, gpus: float = 0.0) -> Any:
     from vlm2rec_ray.model.encoder import VLM2RecEncoder
 
     m = cfg.model
-    endpoint = m.endpoint_url or cfg.endpoint_url
+    endpoint = cfg.storage.endpoint_url
     if gpus > 1 and torch.cuda.device_count() > 1:
         backbone, processor = _load_sharded(cfg)
     else:
@@ -383,7 +344,7 @@ def _load_sharded(cfg: Any) -> tuple[Any, Any]:  # pragma: no cover - needs seve
     from vlm2rec_ray.model import backbone as bb
 
     m = cfg.model
-    model_dir = bb.resolve_model_dir(m.name, endpoint=m.endpoint_url or cfg.endpoint_url)
+    model_dir = bb.resolve_model_dir(m.name, endpoint=cfg.storage.endpoint_url)
     family = bb._family(model_dir, m.name)
     _, dtype = bb.pick_device_and_dtype("cuda", m.dtype)
     kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "device_map": "auto"}
@@ -410,12 +371,7 @@ class EmbedPredictor:
         self._batches = 0
         if torch_threads:
             torch.set_num_threads(torch_threads)  # fixed thread count: part of CPU determinism
-        from vlm2rec_ray import storage
-
-        retries_before = storage.retry_attempts()
         encoder = load_encoder(cfg, gpus)
-        # S3 retries of downloading an s3:// model: reported on this actor's first output row (see __call__)
-        self._load_retries = storage.retry_attempts() - retries_before
         if encoder.hidden_size != dim:
             raise ValueError(f"model {cfg.model.name!r} has hidden size {encoder.hidden_size}, but the run was "
                              f"planned for {dim}; the model changed under the job, re-run it")
@@ -425,14 +381,7 @@ class EmbedPredictor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self._exit_after is not None:
             self._maybe_exit()
-        out = self.core.embed_table(batch)
-        if self._load_retries and out.num_rows:
-            retries = out.column("storage_retries").fill_null(0).to_numpy(zero_copy_only=False).astype(np.int32)
-            retries[0] += self._load_retries
-            out = out.set_column(out.schema.get_field_index("storage_retries"), "storage_retries",
-                                 pa.array(retries, pa.int32()))
-            self._load_retries = 0
-        return out
+        return self.core.embed_table(batch)
 
     def _maybe_exit(self) -> None:
         """Testing aid (``inject_actor_exit_after_batches``): before batch N+1 this actor process exits hard,
@@ -454,4 +403,4 @@ class EmbedPredictor:
         os._exit(1)
 
 
-__all__ = ["BatchEncoder", "EmbedPredictor", "load_encoder", "sink_row_schema"]
+__all__ = ["BatchEncoder", "EmbedPredictor", "load_encoder"]

@@ -61,8 +61,8 @@ def connect_ray(address: str | None = None) -> None:
 def _storage(cfg: TrainJobConfig) -> tuple[str, Any]:
     """Ray's ``(storage_path, storage_filesystem)``: an explicit S3 endpoint needs its own pyarrow filesystem."""
     path = cfg.resolved_storage_path
-    if storage.is_s3(path) and cfg.data_endpoint:
-        fs, stripped = storage.pyarrow_filesystem(path, endpoint=cfg.data_endpoint)
+    if storage.is_remote(path) and cfg.storage.endpoint_url:
+        fs, stripped = storage.pyarrow_filesystem(path, endpoint=cfg.storage.endpoint_url)
         return stripped, fs
     return path, None
 
@@ -124,7 +124,7 @@ def run_training(cfg: TrainJobConfig, *, progress: Callable[[str], None] = print
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    endpoint = cfg.data_endpoint
+    endpoint = cfg.storage.endpoint_url
     prepared = prepare_training_rows(cfg)
     counts = prepared.counts
     progress(f"training rows: {counts['rows']} from {counts['users']} users "

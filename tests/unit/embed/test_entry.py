@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from vlm2rec_ray.config import EmbedJobConfig, load_config
-from vlm2rec_ray.embed import pipeline
+from vlm2rec_ray.embed import plan as pipeline
 
 
 def _cfg(*extra: str) -> EmbedJobConfig:
@@ -25,7 +25,7 @@ def test_resolve_paths_makes_local_paths_absolute(tmp_path: Path, monkeypatch: p
     assert cfg.output_uri == str(tmp_path / "out") and cfg.dataset_uri == str(tmp_path / "data")
     assert cfg.catalog_uri == str(tmp_path / "data" / "catalog.jsonl")
     assert cfg.model.name == "Qwen/Qwen2.5-VL-3B-Instruct"  # a hub id (no such local dir) stays as it is
-    assert cfg.endpoint_url is None
+    assert cfg.storage.endpoint_url is None
 
     cfg = pipeline.resolve_paths(_cfg("model.name=model", "output_uri=s3://bkt/emb", "dataset_uri=s3://bkt/ds"))
     assert cfg.model.name == str(tmp_path / "model")
@@ -35,10 +35,10 @@ def test_resolve_paths_makes_local_paths_absolute(tmp_path: Path, monkeypatch: p
 
 def test_resolve_paths_pins_the_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-    assert pipeline.resolve_paths(_cfg()).endpoint_url == "http://127.0.0.1:9"
-    # An explicit endpoint (or the model's) wins over the environment.
-    assert pipeline.resolve_paths(_cfg("endpoint_url=http://s3.local")).endpoint_url == "http://s3.local"
-    assert pipeline.resolve_paths(_cfg("model.endpoint_url=http://m.local")).endpoint_url == "http://m.local"
+    assert pipeline.resolve_paths(_cfg()).storage.endpoint_url == "http://127.0.0.1:9"
+    # An explicit endpoint wins over the environment (the old keys endpoint_url / model.endpoint_url still map to it).
+    for setting in ("storage.endpoint_url", "endpoint_url", "model.endpoint_url"):
+        assert pipeline.resolve_paths(_cfg(f"{setting}=http://s3.local")).storage.endpoint_url == "http://s3.local"
 
 
 def test_ensure_ray_joins_the_cluster_at_ray_address(monkeypatch: pytest.MonkeyPatch) -> None:
