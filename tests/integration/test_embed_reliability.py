@@ -10,6 +10,8 @@ behind the fault-injecting proxy, the tiny offline Qwen2.5-VL, ``jobs/embed_item
 - the driver SIGKILLed mid-run: nothing published, the same-day re-run publishes a complete snapshot;
 - hostile rows (corrupt/truncated/empty/bomb/text images, image outside ``allowed_roots``, odd titles) through
   the real items pipeline: every row embedded or in the errors table with a reason;
+- secure defaults: rows pointing outside the dataset (a local file, http://127.0.0.1, a redirect) are
+  ``outside_root`` error rows and nothing is opened or requested;
 - bad catalogs (missing column, duplicate ids) and bad config values: errors naming the column / id / field;
 - Ray and the test servers listen on loopback only.
 
@@ -290,6 +292,94 @@ def test_hostile_rows_embedded_or_errors_with_reason(local_ds: Path, ray_local: 
     assert s["failed"] == len(got) and sum(s["reasons"].values()) == len(got)
     for k in ("title-100k", "title-rtl", "title-emoji", "title-combining", "title-nul", "title-markup"):
         assert k in set(data.column("item_id").to_pylist())
+
+
+class _Recorder:
+    """An HTTP server on 127.0.0.1 that records each request's path; ``/r`` redirects to ``redirect_to``."""
+
+    def __init__(self, redirect_to: str = "", body: bytes = b"") -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                outer.requests.append(self.path)
+                redirect = self.path == "/r"
+                self.send_response(302 if redirect else 200)
+                if redirect:
+                    self.send_header("Location", redirect_to)
+                self.send_header("Content-Length", "0" if redirect else str(len(body)))
+                self.end_headers()
+                if not redirect:
+                    self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_rows_outside_the_dataset_are_errors_and_never_read(local_ds: Path, ray_local: Any, tiny_backbone_dir: Path,
+                                                            tmp_path: Path) -> None:
+    """Default roots: a row pointing at a local file outside the catalog's dataset, at http://127.0.0.1:<port>/ or
+    at a redirect to it is an ``outside_root`` error row, and nothing is opened or requested. With http allowed
+    for one origin, a redirect from it to another host is still refused before the other host sees a request."""
+    import threading
+
+    from vlm2rec_ray.embed import read_embeddings, read_errors, run_embed_items
+
+    good = next((local_ds / "images").glob("*.png")).read_bytes()
+    target = _Recorder(body=good)  # the "internal" host a row or a redirect points at
+    hop = _Recorder(redirect_to=f"{target.url}/secret.png", body=good)
+    fifo = tmp_path / "outside" / "secret.png"  # outside the dataset: opening it for reading would unblock `opened`
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    opened = threading.Event()
+    threading.Thread(target=lambda: (open(fifo, "wb").close(), opened.set()), daemon=True).start()
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "ok.png").write_bytes(good)
+    ids = ["ok", "local-outside", "http-loopback", "http-redirect"]
+    uris = ["images/ok.png", str(fifo), f"{target.url}/secret.png", f"{hop.url}/r"]
+    pq.write_table(pa.table({"item_id": ids, "title": [f"title {i}" for i in ids], "image_uri": uris}),
+                   root / "catalog.parquet")
+    try:
+        s = run_embed_items(_cfg(tiny_backbone_dir, f"dataset_uri={root}", f"output_uri={tmp_path / 'o1'}",
+                                 "max_failure_fraction=1"))
+        errors = read_errors(str(tmp_path / "o1" / "items"))
+        reasons = dict(zip(errors.column("item_id").to_pylist(), errors.column("reason").to_pylist(), strict=True))
+        print(f"\ndefault roots: {reasons}; requests hop={hop.requests} target={target.requests}; "
+              f"fifo opened={opened.is_set()}")
+        assert s["ok"] == 1 and read_embeddings(str(tmp_path / "o1" / "items")).column("item_id").to_pylist() == ["ok"]
+        assert reasons == {"local-outside": "outside_root", "http-loopback": "outside_root",
+                           "http-redirect": "outside_root"}
+        assert hop.requests == [] and target.requests == [] and not opened.is_set()  # nothing was read
+
+        # http allowed for the hop's origin only (and loopback let through, as an on-prem mirror would need):
+        # its images are fetched, its redirect to another host is not followed.
+        pq.write_table(pa.table({"item_id": ["mirror", "redirect"], "title": ["a", "b"],
+                                 "image_uri": [f"{hop.url}/img.png", f"{hop.url}/r"]}), root / "catalog.parquet")
+        s = run_embed_items(_cfg(tiny_backbone_dir, f"dataset_uri={root}", f"output_uri={tmp_path / 'o2'}",
+                                 "max_failure_fraction=1", f'storage.allowed_roots=["{root}", "{hop.url}/"]',
+                                 "storage.allow_private_addresses=true"))
+        errors = read_errors(str(tmp_path / "o2" / "items"))
+        assert s["ok"] == 1 and errors.column("item_id").to_pylist() == ["redirect"]
+        assert errors.column("reason").to_pylist() == ["outside_root"]
+        assert sorted(hop.requests) == ["/img.png", "/r"] and target.requests == []
+    finally:
+        hop.close()
+        target.close()
+        if not opened.is_set():  # release the writer thread
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
 
 
 def test_bad_catalogs_name_the_column_and_the_id(local_ds: Path, ray_local: Any, tiny_backbone_dir: Path,
