@@ -1,10 +1,7 @@
-"""Ray Data pipelines that embed items and user sequences into Parquet snapshots (nightly, incremental).
-
-- :func:`run_embed_items` / :func:`run_embed_sequences`: the jobs (``vlm2rec embed items|sequences``).
-- :func:`read_embeddings`: read a published snapshot (follows its manifest; default the latest ``dt``).
-- Schemas of the output and errors tables, and the row contract between the stages: :mod:`vlm2rec_ray.embed.schema`.
-
-Heavy imports (Ray, torch) happen inside the functions, so importing this package is cheap.
+"""Ray Data pipelines that embed items and user sequences into Parquet snapshots (nightly, incremental):
+:func:`run_embed_items` / :func:`run_embed_sequences` (the jobs; imported on first use, with Ray), and
+:func:`read_embeddings` / :func:`read_errors` (a published snapshot, following its manifest). Schemas of the output
+and errors tables and the row contract between the stages: :mod:`vlm2rec_ray.embed.schema`.
 """
 
 from __future__ import annotations

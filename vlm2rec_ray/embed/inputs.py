@@ -11,13 +11,17 @@ import json
 import os
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import pyarrow as pa
+import ray.data
+
 from vlm2rec_ray import storage
+from vlm2rec_ray.data.catalog import read_catalog, resolve_image_uri
 from vlm2rec_ray.embed import incremental
+from vlm2rec_ray.embed.preprocess import CatalogLookup
 from vlm2rec_ray.embed.schema import KEY_COLUMN
 
 if TYPE_CHECKING:
-    import ray.data
-
     from vlm2rec_ray.config import EmbedJobConfig
 
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")
@@ -60,8 +64,6 @@ def read_rows(files: list[str], fmt: str, *, endpoint: str | None, columns: list
               include_paths: bool = False) -> ray.data.Dataset:
     """A Ray Dataset of the files' rows (Ray Data's readers over the store's pyarrow filesystem; ``path`` is the
     file's path in that filesystem, see :func:`fs_paths`)."""
-    import ray.data
-
     fs, _ = storage.pyarrow_filesystem(files[0], endpoint=endpoint)
     paths = list(fs_paths(files, endpoint))
     if fmt == "parquet":
@@ -82,9 +84,6 @@ def census(files: list[str], fmt: str, kind: str, endpoint: str | None) -> dict[
     Raises:
         ValueError: a required column is missing, or the key column is not a string (names the file and column).
     """
-    import numpy as np
-    import pyarrow as pa
-
     key = KEY_COLUMN[kind]
 
     def key_batches() -> Any:
@@ -104,8 +103,6 @@ def census(files: list[str], fmt: str, kind: str, endpoint: str | None) -> dict[
             elif kind != "items":
                 raise ValueError(f"{f}: sequences read Parquet splits (<dataset>/splits/<split>.parquet)")
             else:
-                from vlm2rec_ray.data.catalog import read_catalog
-
                 yield read_catalog(f, endpoint=endpoint).column(key).to_pylist()  # names a bad row, column, value
 
     rows = blank = 0
@@ -126,12 +123,9 @@ def census(files: list[str], fmt: str, kind: str, endpoint: str | None) -> dict[
     return {"rows": rows, "blank_keys": blank, "duplicates": len(dups), "duplicate_examples": dups[:5]}
 
 
-def catalog_lookup(files: list[str], endpoint: str | None) -> Any:
+def catalog_lookup(files: list[str], endpoint: str | None) -> CatalogLookup:
     """The catalog as a :class:`~vlm2rec_ray.embed.preprocess.CatalogLookup` (runs in a Ray task; shared
     through the object store)."""
-    from vlm2rec_ray.data.catalog import read_catalog, resolve_image_uri
-    from vlm2rec_ray.embed.preprocess import CatalogLookup
-
     ids: list[str] = []
     titles: list[str | None] = []
     uris: list[str | None] = []

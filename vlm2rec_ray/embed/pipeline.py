@@ -1,41 +1,40 @@
 """The embed job: a streaming Ray Data pipeline from a catalog (or user histories) to a Parquet snapshot.
 
-A run goes through four rooms, in order:
+A run goes through the rooms in order: :mod:`.plan` decides on the driver what to read and where to write (a
+:class:`RunPlan` over a :class:`~.snapshot.SnapshotRun`); :mod:`.inputs` checks the input (the census reads the
+id column only: a duplicate id fails before any image is fetched); :mod:`.stages` streams it (read, fetch/decode
+tasks, model actors, the sink; full or incremental); :mod:`.publish` checks that every input row is in the
+output or the errors table, writes the manifest last and returns the summary, or marks the run failed.
 
-- :mod:`~vlm2rec_ray.embed.plan` decides on the driver what to read and write (:class:`RunPlan`, its
-  :class:`~vlm2rec_ray.embed.snapshot.SnapshotRun`), and :mod:`~vlm2rec_ray.embed.inputs` checks the input (the
-  census reads only the id column: a duplicate id fails before any image is fetched);
-- :mod:`~vlm2rec_ray.embed.stages` streams it (read, fetch/decode tasks, model actors, the sink), full or
-  incremental;
-- :mod:`~vlm2rec_ray.embed.publish` checks the counts (ok + failed == input rows), writes the manifest last and
-  returns the summary, or marks the run failed.
-
-Memory is flat in the catalog size but for one output file's rows waiting in the object store
-(``target_file_mib`` / ``rows_per_file``; see ``stages.write``). Sequences run the same machinery with each user's
-last ``max_history`` items looked up in the catalog (shared through the object store). S3 retries are a Ray
-metric; the summary's ``storage_retries`` is the job's count over the run, approximate (``storage.retries``).
+Memory is flat in the catalog size but for one output file's rows in the object store (``rows_per_file``).
+S3 retries are a Ray metric; the summary's ``storage_retries`` is the job's count over the run (approximate).
 
     summary = run_embed_items(load_config(EmbedJobConfig, "jobs/configs/embed_items.yaml"))
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
+import ray
+import ray.data
+
 from vlm2rec_ray import storage
 from vlm2rec_ray.config import EmbedJobConfig
 from vlm2rec_ray.embed import inputs, publish, stages
-from vlm2rec_ray.embed.plan import RunPlan, ensure_ray, plan_run, resolve_paths
+from vlm2rec_ray.embed.plan import RunPlan, plan_run, resolve_paths
 from vlm2rec_ray.embed.publish import EmbedFailureError, format_summary
 from vlm2rec_ray.embed.schema import KEY_COLUMN
-from vlm2rec_ray.runtime import returning_freed_memory
+from vlm2rec_ray.runtime import connect_ray, returning_freed_memory
+from vlm2rec_ray.storage.retries import job_retries
 
 TRIM_EVERY_S = 5.0  # the driver returns freed heap pages to the OS this often during a run
-# Ray Data retries reads whose error matches DataContext.retried_io_errors (up to 10 attempts; the pyarrow
-# filesystem it pickles to its tasks keeps only pyarrow's default retries): also a 5xx answer without an error
-# body (a HEAD), which pyarrow reports as UNKNOWN and Ray's defaults leave out.
+# Ray Data retries reads whose error matches DataContext.retried_io_errors (10 attempts; the pyarrow filesystem it
+# pickles to its tasks keeps only pyarrow's default retries): add 5xx answers without a body (HEAD), which
+# pyarrow reports as UNKNOWN and Ray's defaults leave out.
 RETRIED_IO_ERRORS = ("AWS Error UNKNOWN (HTTP status 5",)
 
 
@@ -44,25 +43,18 @@ def user_error(e: BaseException) -> BaseException:
     run sets ``raise_original_map_exception``, so Ray Data keeps a UDF's own exception as the cause."""
     cur: BaseException | None = e
     for _ in range(10):
-        if cur is None:
-            break
-        if not type(cur).__module__.startswith("ray.") and isinstance(
+        if cur is not None and not type(cur).__module__.startswith("ray.") and isinstance(
                 cur, (ValueError, FileNotFoundError, PermissionError, storage.StorageError)):
             return cur
-        cur = getattr(cur, "cause", None) or cur.__cause__
+        cur = cur and (getattr(cur, "cause", None) or cur.__cause__)
     return e
 
 
 def _run(cfg: EmbedJobConfig, kind: str, progress: Callable[[str], None] | None) -> dict[str, Any]:
-    import ray
-    import ray.data
-
-    from vlm2rec_ray.storage.retries import job_retries
-
     say = progress or (lambda _m: None)
     started, started_epoch = time.perf_counter(), time.time()  # wall clock: to compare with the rows' embedded_at
     plan = plan_run(resolve_paths(cfg), kind)  # inputs and model checked before Ray starts: fails in seconds
-    ensure_ray()
+    connect_ray()
     plan.retries_at_start = job_retries()
     ctx = ray.data.DataContext.get_current()
     saved = ctx.enable_progress_bars, ctx.raise_original_map_exception, ctx.retried_io_errors
@@ -75,13 +67,13 @@ def _run(cfg: EmbedJobConfig, kind: str, progress: Callable[[str], None] | None)
         sink, scan = stages.snapshot_sink(plan), None
         try:  # the executor's freed native allocations go back to the OS as the run goes (driver RSS stays flat)
             with returning_freed_memory(TRIM_EVERY_S):
-                if plan.cfg.incremental:
-                    scan = stages.run_incremental(plan, sink, say)
-                else:
-                    stages.run_full(plan, sink)
+                scan = stages.run_incremental(plan, sink, say) if plan.cfg.incremental else stages.run_full(plan, sink)
         except BaseException as e:
             root = user_error(e)
-            _abandon(plan, f"{type(root).__name__}: {root}")
+            try:  # best effort: mark the run failed (the next publish removes it) and drop its staging
+                plan.run.fail({"error": f"{type(root).__name__}: {root}"[:2000]})
+            except Exception as e2:  # the original error matters more
+                logging.getLogger(__name__).warning("could not mark run %s failed: %s", plan.run.run_id, e2)
             if root is not e:  # a ValueError raised in a Ray task reaches here wrapped; show the cause
                 raise root from e
             raise
@@ -93,8 +85,6 @@ def _run(cfg: EmbedJobConfig, kind: str, progress: Callable[[str], None] | None)
 
 def _census(plan: RunPlan) -> dict[str, Any]:
     """Run the census (and, for sequences, build the catalog lookup) in Ray tasks; refuse duplicate ids."""
-    import ray
-
     ref = ray.remote(num_cpus=0.25)(inputs.census).remote(plan.files, plan.fmt, plan.kind, plan.endpoint)
     if plan.kind == "sequences":
         plan.catalog_ref = ray.remote(num_cpus=0.25)(inputs.catalog_lookup).remote(plan.catalog_files, plan.endpoint)
@@ -102,7 +92,7 @@ def _census(plan: RunPlan) -> dict[str, Any]:
         census = ray.get(ref)
     except BaseException as e:
         root = user_error(e)
-        if root is not e:  # a ValueError raised in a Ray task reaches here wrapped; show the cause
+        if root is not e:
             raise root from e
         raise
     if census["duplicates"]:
@@ -111,16 +101,6 @@ def _census(plan: RunPlan) -> dict[str, Any]:
                          f"{census['duplicate_examples']}; each row needs a unique {key} (deduplicate the input); "
                          "nothing was embedded")
     return census
-
-
-def _abandon(plan: RunPlan, error: str) -> None:
-    """Best effort after a crash: mark the run failed (so the next publish removes it) and drop its staging."""
-    import logging
-
-    try:
-        plan.run.fail({"error": error[:2000]})
-    except Exception as e:  # the original error matters more
-        logging.getLogger(__name__).warning("could not mark run %s failed: %s", plan.run.run_id, e)
 
 
 def run_embed_items(cfg: EmbedJobConfig, *, progress: Callable[[str], None] | None = None) -> dict[str, Any]:

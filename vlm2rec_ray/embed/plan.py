@@ -1,7 +1,6 @@
-"""The run plan: everything an embed run decides on the driver before data moves (cheap, no Ray needed).
-
-:func:`plan_run` resolves the inputs, the model's size, the previous snapshot (incremental runs), the image roots
-and the resources; the :class:`RunPlan` then hands the stages plain values (``opts``: no config object travels).
+"""The run plan: what an embed run decides on the driver before data moves: its inputs, the model's size, the
+previous snapshot (incremental runs), the image roots and the resources. The :class:`RunPlan` hands the stages
+plain values (``opts``: no config object travels to the tasks).
 """
 
 from __future__ import annotations
@@ -10,9 +9,14 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import ray
+
 from vlm2rec_ray import storage
 from vlm2rec_ray.config import EmbedJobConfig
+from vlm2rec_ray.data.catalog import catalog_dir
+from vlm2rec_ray.data.images import resolve_roots
 from vlm2rec_ray.embed import incremental, inputs, snapshot
+from vlm2rec_ray.runtime import connect_ray
 
 
 def row_bytes(dim: int) -> int:
@@ -83,28 +87,8 @@ def resolve_paths(cfg: EmbedJobConfig) -> EmbedJobConfig:
     return cfg.model_copy(update=update, deep=True)
 
 
-def ensure_ray() -> None:
-    """Use the running Ray (a job on a cluster, a test fixture), else connect to ``RAY_ADDRESS``, else start
-    a private local instance."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        from vlm2rec_ray.runtime import init_local_ray
-
-        init_local_ray()
-
-
 def plan_run(cfg: EmbedJobConfig, kind: str) -> RunPlan:
     """Resolve inputs, model size, previous snapshot, image roots and resources for a run of ``kind``."""
-    import ray
-
-    from vlm2rec_ray.data.catalog import catalog_dir
-    from vlm2rec_ray.data.images import resolve_roots
-
     endpoint = cfg.storage.endpoint_url
     if kind == "items":
         source = cfg.catalog_uri or cfg.dataset_uri
@@ -122,7 +106,7 @@ def plan_run(cfg: EmbedJobConfig, kind: str) -> RunPlan:
     dim = inputs.embedding_dim(cfg)
     gpus = cfg.gpus_per_actor
     if gpus is None:
-        ensure_ray()  # the default needs the cluster's resources
+        connect_ray()  # the default needs the cluster's resources
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     root = snapshot.kind_uri(cfg.output_uri, kind)
     dt = cfg.dt or snapshot.today_utc()
@@ -136,4 +120,4 @@ def plan_run(cfg: EmbedJobConfig, kind: str) -> RunPlan:
         previous=snapshot.latest_manifest(root, on_or_before=dt, endpoint=endpoint) if cfg.incremental else None)
 
 
-__all__ = ["RunPlan", "ensure_ray", "plan_run", "resolve_paths", "row_bytes"]
+__all__ = ["RunPlan", "plan_run", "resolve_paths", "row_bytes"]

@@ -15,35 +15,32 @@ Items are handled as one-item histories, so items and sequences share one code p
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
+from vlm2rec_ray.data.catalog import resolve_image_uri
 from vlm2rec_ray.data.images import decode_image, fetch_image_bytes
+from vlm2rec_ray.data.schemas import conform_catalog, conform_split
 from vlm2rec_ray.embed import incremental
 from vlm2rec_ray.embed.schema import rows as make_rows
+from vlm2rec_ray.model.prompts import clean_title
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-_POOLS_LOCK = threading.Lock()
 Item = tuple[str | None, str | None, str | None]  # (item_id, title, absolute image uri)
 
 
 def _map(fn: Any, values: list[Any], threads: int) -> list[Any]:
-    """``fn`` over ``values`` on this process's pool of ``threads`` threads (inline for one value)."""
+    """``fn`` over ``values`` on up to ``threads`` threads (inline for one value)."""
     if len(values) <= 1 or threads <= 1:
         return [fn(v) for v in values]
-    with _POOLS_LOCK:
-        pool = _POOLS.get(threads) or _POOLS.setdefault(
-            threads, ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vlm2rec-fetch"))
-    return list(pool.map(fn, values))
+    with ThreadPoolExecutor(min(threads, len(values)), thread_name_prefix="vlm2rec-fetch") as pool:
+        return list(pool.map(fn, values))
 
 
 def conform_batch(batch: pa.Table, *, kind: str) -> pa.Table:
     """Cast a raw catalog (items) or split (sequences) block to its schema; keeps Ray's ``path`` column."""
-    from vlm2rec_ray.data.schemas import conform_catalog, conform_split
-
     table = conform_catalog(batch) if kind == "items" else conform_split(batch)
     if "path" in batch.column_names:
         table = table.append_column("path", batch.column("path").cast(pa.string()))
@@ -73,8 +70,6 @@ class _Row:
 
 def _finish(rows: list[_Row], opts: dict[str, Any], kind: str) -> pa.Table:
     """Fetch, hash, (decode,) classify and build the batch's rows."""
-    from vlm2rec_ray.model.prompts import clean_title
-
     def fetch(uri: str) -> tuple[bytes | None, str | None]:
         return fetch_image_bytes(uri, endpoint=opts["endpoint"], max_bytes=opts["max_image_bytes"],
                                  allowed_roots=opts["allowed_roots"],
@@ -141,8 +136,6 @@ def prepare_items(batch: pa.Table, *, opts: dict[str, Any]) -> pa.Table:
     ``max_image_bytes``, ``allowed_roots``, ``allow_private_addresses``, ``fetch_threads``, ``min_pixels``,
     ``max_pixels``, ``fingerprint``, ``prev_index`` (``[ObjectRef]`` of a :class:`KeyIndex`, scan mode).
     """
-    from vlm2rec_ray.data.catalog import resolve_image_uri
-
     ids, titles, uris = (batch.column(c).to_pylist() for c in ("item_id", "title", "image_uri"))
     paths = batch.column("path").to_pylist() if "path" in batch.column_names else [None] * len(ids)
     rows = []
@@ -207,8 +200,6 @@ class CatalogLookup:
     and shared through the object store (sorted ``uint64`` keys + Arrow columns; ``np.searchsorted``)."""
 
     def __init__(self, ids: list[str], titles: list[str | None], uris: list[str | None]) -> None:
-        import numpy as np
-
         keys = incremental.id_keys(ids)
         order = np.argsort(keys, kind="stable")
         self.keys = np.ascontiguousarray(keys[order])
@@ -218,8 +209,6 @@ class CatalogLookup:
         return len(self.keys)
 
     def find(self, item_ids: list[str]) -> list[tuple[str | None, str | None] | None]:
-        import numpy as np
-
         if not len(self.keys):
             return [None] * len(item_ids)
         q = incremental.id_keys(item_ids)
@@ -238,8 +227,6 @@ class CatalogLookup:
 def carry_filter(batch: pa.Table, *, opts: dict[str, Any], dim: int) -> pa.Table:
     """Previous snapshot rows whose item is unchanged in this run (``opts['unchanged']``: ``[ObjectRef]`` of a
     :class:`KeyIndex` of the scan's unchanged rows), as ``carried`` rows."""
-    import numpy as np
-
     index: incremental.KeyIndex = incremental.resolve_ref(opts["unchanged"])
     key = "item_id" if "item_id" in batch.column_names else "user_id"
     found, cur = index.lookup(incremental.id_keys(batch.column(key).to_pylist()))

@@ -32,14 +32,9 @@ SEQUENCE_COLUMNS = ("user_id", "history", *EMBEDDING_COLUMNS, "content_hash", "m
                     "embedded_at")
 EMBEDDED_AT_TYPE = pa.timestamp("us", tz="UTC")
 
-# Image reasons (data/images.py, incl. empty_title) plus row-level ones of the embed job.
-ERROR_REASONS = (
-    *IMAGE_REASONS,
-    "empty_item_id",  # null/blank item_id (items) or user_id (sequences)
-    "empty_history",  # a sequence row with no history items
-    "unknown_item",  # a history item that is not in the catalog
-    "encode_error",  # the model raised on this row (message in detail)
-)
+# Image reasons (data/images.py, incl. empty_title) plus the embed job's: a null/blank item_id (user_id), a
+# sequence without history items, a history item not in the catalog, the model raised on the row.
+ERROR_REASONS = (*IMAGE_REASONS, "empty_item_id", "empty_history", "unknown_item", "encode_error")
 
 
 def embedding_type(dim: int) -> pa.DataType:
@@ -49,18 +44,13 @@ def embedding_type(dim: int) -> pa.DataType:
     return pa.list_(pa.field("element", pa.float32(), nullable=False), dim)
 
 
-def _tail(dim: int) -> list[pa.Field]:
-    emb = embedding_type(dim)
-    return [
-        *(pa.field(c, emb, nullable=False) for c in EMBEDDING_COLUMNS),
-        pa.field("content_hash", pa.string(), nullable=False),
-        pa.field("model_id", pa.string(), nullable=False),
-        pa.field("model_version", pa.string(), nullable=False),
-        pa.field("embedded_at", EMBEDDED_AT_TYPE, nullable=False),
-    ]
-
-
 HISTORY_TYPE = pa.list_(pa.field("element", pa.string()))
+
+
+def _tail(dim: int) -> list[pa.Field]:
+    return [*(pa.field(c, embedding_type(dim), nullable=False) for c in EMBEDDING_COLUMNS),
+            *(pa.field(c, pa.string(), nullable=False) for c in ("content_hash", "model_id", "model_version")),
+            pa.field("embedded_at", EMBEDDED_AT_TYPE, nullable=False)]
 
 
 def item_schema(dim: int) -> pa.Schema:
@@ -80,27 +70,14 @@ def output_schema(kind: str, dim: int) -> pa.Schema:
     return item_schema(dim) if kind == "items" else sequence_schema(dim)
 
 
-ITEM_ERRORS_SCHEMA = pa.schema([
-    pa.field("item_id", pa.string()),
-    pa.field("title", pa.string()),
-    pa.field("image_uri", pa.string()),
-    pa.field("reason", pa.string(), nullable=False),
-    pa.field("detail", pa.string()),
-    pa.field("model_version", pa.string(), nullable=False),
-    pa.field("failed_at", EMBEDDED_AT_TYPE, nullable=False),
-])
-
-SEQUENCE_ERRORS_SCHEMA = pa.schema([
-    pa.field("user_id", pa.string()),
-    pa.field("history", HISTORY_TYPE),
-    pa.field("item_id", pa.string()),  # the history item that failed (None for row-level reasons)
-    pa.field("title", pa.string()),
-    pa.field("image_uri", pa.string()),
-    pa.field("reason", pa.string(), nullable=False),
-    pa.field("detail", pa.string()),
-    pa.field("model_version", pa.string(), nullable=False),
-    pa.field("failed_at", EMBEDDED_AT_TYPE, nullable=False),
-])
+_ERRORS_TAIL = [pa.field("title", pa.string()), pa.field("image_uri", pa.string()),
+                pa.field("reason", pa.string(), nullable=False), pa.field("detail", pa.string()),
+                pa.field("model_version", pa.string(), nullable=False),
+                pa.field("failed_at", EMBEDDED_AT_TYPE, nullable=False)]
+ITEM_ERRORS_SCHEMA = pa.schema([pa.field("item_id", pa.string()), *_ERRORS_TAIL])
+# sequences: item_id is the history item that failed (None for row-level reasons)
+SEQUENCE_ERRORS_SCHEMA = pa.schema([pa.field("user_id", pa.string()), pa.field("history", HISTORY_TYPE),
+                                    pa.field("item_id", pa.string()), *_ERRORS_TAIL])
 
 
 def errors_schema(kind: str) -> pa.Schema:
@@ -205,27 +182,7 @@ def errors_table(batch: pa.Table, *, kind: str, model_version: str, failed_at: o
                                 schema=schema)
 
 
-__all__ = [
-    "EMBEDDED_AT_TYPE",
-    "EMBEDDING_COLUMNS",
-    "ERROR_REASONS",
-    "HISTORY_TYPE",
-    "ITEM_COLUMNS",
-    "ITEM_ERRORS_SCHEMA",
-    "KEY_COLUMN",
-    "KINDS",
-    "OK_STATUSES",
-    "SEQUENCE_COLUMNS",
-    "SEQUENCE_ERRORS_SCHEMA",
-    "embedding_type",
-    "errors_schema",
-    "errors_table",
-    "fixed_size_list",
-    "item_schema",
-    "output_schema",
-    "output_table",
-    "row_schema",
-    "rows",
-    "schema_to_json",
-    "sequence_schema",
-]
+__all__ = ["EMBEDDED_AT_TYPE", "EMBEDDING_COLUMNS", "ERROR_REASONS", "HISTORY_TYPE", "ITEM_COLUMNS", "ITEM_ERRORS_SCHEMA",
+           "KEY_COLUMN", "KINDS", "OK_STATUSES", "SEQUENCE_COLUMNS", "SEQUENCE_ERRORS_SCHEMA", "embedding_type",
+           "errors_schema", "errors_table", "fixed_size_list", "item_schema", "output_schema", "output_table",
+           "row_schema", "rows", "schema_to_json", "sequence_schema"]

@@ -1,19 +1,17 @@
 """The Ray Data sink of the embed job: rows of the row contract routed by status into Parquet files, counted.
 
-:class:`RowSink` receives rows (:func:`~vlm2rec_ray.embed.schema.row_schema`) and, in each write task, streams
-each :class:`Route`'s rows into ``<route.uri>/part-<task>.parquet``: for a snapshot the ``encoded``/``carried``
-rows into ``run=<id>/`` as the exact output schema and the ``failed`` rows into ``run=<id>/_errors/``; for the
-scan of an incremental run the rows pass 2 reads, by what it does with them. Each task returns its files and
-counts; :meth:`on_write_complete` (on the driver) adds them up, so the summary needs no second pass over the
-data. File names derive from the write task's index, so a retried task overwrites its own files instead of
-duplicating rows. A file is written to a local spool file and copied to its store when complete
-(:func:`vlm2rec_ray.storage.put_file`), so it appears only whole.
+Each write task streams each :class:`Route`'s rows into ``<route.uri>/part-<task>.parquet`` (a snapshot: the
+``encoded``/``carried`` rows as the output schema, the ``failed`` rows into ``_errors/``; the incremental scan:
+the rows pass 2 reads) and returns its files and counts, which :meth:`RowSink.on_write_complete` adds up on the
+driver. A file name derives from the task index, so a retried task overwrites its own file; a file is spooled
+locally and copied to its store when complete, so it appears only whole.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
@@ -53,10 +52,6 @@ class _PartWriter:
     def write(self, table: pa.Table) -> None:
         if table.num_rows == 0:
             return
-        import tempfile
-
-        import pyarrow.parquet as pq
-
         if self._writer is None:
             fd, self._spool = tempfile.mkstemp(prefix="vlm2rec-part-", suffix=".parquet")
             os.close(fd)

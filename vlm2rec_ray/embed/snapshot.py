@@ -8,15 +8,12 @@ Layout under ``<output_uri>/<kind>/`` (``kind`` is ``items`` or ``sequences``), 
     dt=2026-11-22/run=<run_id>/_staging/...            scratch of an incremental run (deleted at the end)
     dt=2026-11-22/run=<run_id>/_status.json            only for a run that failed (why; not a snapshot)
 
-A run (:class:`SnapshotRun`) writes everything under its own ``run=<run_id>/`` and only then replaces
-``_manifest.json`` (one PUT on S3, a rename locally: atomic on both), so a reader sees the old snapshot or the new one, never a mix and never
-a half-written run. A same-day re-run publishes its new run the same way and then deletes the run the old
-manifest named (and runs marked failed), so rows are never duplicated. ``_``-prefixed paths are skipped by
-pyarrow's dataset discovery, so ``pq.read_table(<output_uri>/items)`` also sees only data files (but mid-swap
-it may see two runs; use the manifest, i.e. :func:`read_embeddings` / :func:`snapshot_files`, to be exact).
-
-Partitions without a manifest that hold Parquet files directly (not under ``run=``) are read as plain
-snapshots, for tables written by other tools.
+A run (:class:`SnapshotRun`) writes under its own ``run=<run_id>/`` and only then replaces ``_manifest.json``
+(atomic on every store), so a reader sees the old snapshot or the new one, never a mix or a half-written run; a
+same-day re-run then deletes the run the old manifest named. ``_``-prefixed paths are skipped by pyarrow's
+dataset discovery, so ``pq.read_table(<output_uri>/items)`` sees data files only (mid-swap maybe two runs: follow
+the manifest, :func:`read_embeddings`, to be exact). Partitions without a manifest that hold Parquet files
+directly are read as plain snapshots (tables written by other tools).
 """
 
 from __future__ import annotations
@@ -149,9 +146,6 @@ class SnapshotRun:
         return out
 
 
-# ---------------------------------------------------------------------------------------------- listing
-
-
 @dataclass
 class Snapshot:
     """One readable snapshot: its ``dt`` ("" for an unpartitioned table), data files (absolute URIs), and the
@@ -163,34 +157,26 @@ class Snapshot:
     error_files: list[str] = field(default_factory=list)
 
 
-def _skip(part: str) -> bool:
-    return part.startswith((".", "_")) or "error" in part.lower()
-
-
 def list_snapshots(uri: str, *, endpoint: str | None = None) -> tuple[dict[str, Snapshot], list[str]]:
     """``({dt: Snapshot}, incomplete dts)`` under ``uri`` (one listing). A ``dt=`` partition with a manifest
     is what the manifest says; one with ``run=`` folders but no manifest is incomplete (a run in progress or
     a failed one) and not a snapshot; one with Parquet files directly inside is a plain snapshot."""
     root = storage.absolute(uri).rstrip("/")
-    files = storage.list_uris(uri, endpoint=endpoint)
     snaps: dict[str, Snapshot] = {}
     manifests: set[str] = set()
     runs: set[str] = set()
     plain: dict[str, list[str]] = {}
-    for f in files:
+    for f in storage.list_uris(uri, endpoint=endpoint):
         rel = f[len(root) + 1:] if f.startswith(root + "/") else f.rsplit("/", 1)[-1]
         parts = rel.split("/")
         dt = parts[0][3:] if len(parts) > 1 and parts[0].startswith("dt=") else ""
         inner = parts[1:] if dt else parts
         if dt and inner == [MANIFEST_FILE]:
             manifests.add(dt)
-            continue
-        if dt and inner and inner[0].startswith("run="):
+        elif dt and inner and inner[0].startswith("run="):
             runs.add(dt)
-            continue
-        if not f.endswith(".parquet") or any(_skip(p) for p in parts):
-            continue
-        plain.setdefault(dt, []).append(f)
+        elif f.endswith(".parquet") and not any(p.startswith((".", "_")) or "error" in p.lower() for p in parts):
+            plain.setdefault(dt, []).append(f)
     for dt in manifests:
         m = read_manifest(uri, dt, endpoint=endpoint)
         if m is None:  # deleted between listing and reading
@@ -199,10 +185,8 @@ def list_snapshots(uri: str, *, endpoint: str | None = None) -> tuple[dict[str, 
         snaps[dt] = Snapshot(dt, [storage.join(part, e["path"]) for e in m.get("files", [])], m,
                              [storage.join(part, e["path"]) for e in m.get("error_files", [])])
     for dt, fs in plain.items():
-        if dt not in snaps:
-            snaps[dt] = Snapshot(dt, sorted(fs))
-    incomplete = sorted(runs - set(snaps))
-    return snaps, incomplete
+        snaps.setdefault(dt, Snapshot(dt, sorted(fs)))
+    return snaps, sorted(runs - set(snaps))
 
 
 def latest_manifest(root: str, *, on_or_before: str | None = None, endpoint: str | None = None) -> dict[str, Any] | None:
@@ -249,13 +233,8 @@ def _read_files(files: list[str], *, endpoint: str | None, columns: list[str] | 
 
 def read_embeddings(uri: str, dt: str | None = None, *, endpoint: str | None = None,
                     columns: list[str] | None = None) -> pa.Table:
-    """An embedding snapshot as one table, following its manifest (default: the latest ``dt``).
-
-    Args:
-        uri: ``<output_uri>/items`` or ``<output_uri>/sequences`` (local or ``s3://``).
-        dt: the ``dt=`` partition to read; default the latest published one.
-        endpoint: S3 endpoint (default ``AWS_ENDPOINT_URL``).
-        columns: read only these columns.
+    """The snapshot ``dt`` (default: the latest) of ``<output_uri>/items`` or ``/sequences`` as one table,
+    following its manifest (only ``columns`` when given).
 
     Raises:
         FileNotFoundError: no snapshot at ``uri`` or no such ``dt``.

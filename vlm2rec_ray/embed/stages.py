@@ -1,18 +1,11 @@
 """The Ray Data graph of an embed run: read -> prepare (CPU tasks) -> model (actors) -> coalesce -> sink.
 
-Full run::
-
-    read catalog/split (Ray Data) -> conform -> prepare_items|sequences -> EmbedPredictor -> RowSink
-
-Incremental run: pass 1 *scans* every row (fetch + hash, no decode, no model) and stages it by what pass 2
-does with it (a scan sink: ``encode`` = new + changed, ``failed``, ``unchanged``). Pass 2 streams three
-branches into the snapshot sink: the new and changed rows through the model (their images fetched again: only
-those), the failed rows straight to the errors table, and the previous snapshot's rows that are unchanged
-(filtered in CPU tasks against an index in the object store; the driver never holds the previous snapshot).
-Deleted items are simply not carried. Nothing reaches the model when nothing changed.
-
-Nothing is materialized in the driver: data flows task to task through the object store, and the driver only
-receives per-write-task counts and file names.
+An incremental run's pass 1 *scans* every row (fetch + hash, no decode, no model) and stages it by what pass 2
+does with it (``encode`` = new + changed, ``failed``, ``unchanged``). Pass 2 streams three branches into the
+snapshot sink: new and changed rows through the model, failed rows straight to the errors table, and the
+previous snapshot's unchanged rows (filtered in CPU tasks against an index in the object store). Deleted items
+are not carried; nothing reaches the model when nothing changed. The driver never holds rows, only per-write-task
+counts and file names.
 """
 
 from __future__ import annotations
@@ -22,14 +15,25 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+import ray
+import ray.data
+
 from vlm2rec_ray.embed import incremental, inputs, preprocess
 from vlm2rec_ray.embed.plan import RunPlan
-from vlm2rec_ray.embed.schema import KEY_COLUMN, OK_STATUSES, errors_table, output_table, row_schema
+from vlm2rec_ray.embed.predictor import EmbedPredictor
+from vlm2rec_ray.embed.schema import (
+    KEY_COLUMN,
+    OK_STATUSES,
+    errors_schema,
+    errors_table,
+    output_schema,
+    output_table,
+    row_schema,
+)
 from vlm2rec_ray.embed.sink import Route, RowSink
 
 if TYPE_CHECKING:
     import pyarrow as pa
-    import ray.data
 
 WRITE_CPUS = 0.25  # write and coalescing tasks are I/O bound; keep CPUs for fetch/decode and the model actors
 MIN_WRITE_BLOCK_BYTES = 1 << 20  # rows reach the sinks in blocks of at least this size (see write)
@@ -40,8 +44,6 @@ SCAN_GROUPS = {"encode": ("new", "changed"), "failed": ("failed",), "unchanged":
 
 def snapshot_sink(plan: RunPlan) -> RowSink:
     """The run's data files (``encoded``/``carried`` rows, output schema) and errors table (``failed`` rows)."""
-    from vlm2rec_ray.embed.schema import errors_schema, output_schema
-
     c, run, kind = plan.cfg, plan.run, plan.kind
     failed_at = _dt.datetime.now(_dt.timezone.utc)
     return RowSink(name="EmbeddingSnapshot", endpoint=plan.endpoint, rows_per_file=plan.rows_per_file, routes={
@@ -57,25 +59,16 @@ def _coalesced(batch: pa.Table) -> pa.Table:
 
 
 def write(ds: ray.data.Dataset, sink: Any, *, row_bytes: int, tasks: int = COALESCE_TASKS) -> None:
-    """Write ``ds`` through ``sink`` in blocks of at least :data:`MIN_WRITE_BLOCK_BYTES` (or of one write task's
-    rows, ``sink.min_rows_per_write``, when that is fewer).
+    """Write ``ds`` through ``sink`` in blocks of at least :data:`MIN_WRITE_BLOCK_BYTES` (at most one write task's
+    rows, ``sink.min_rows_per_write``).
 
-    A sink's write task starts once it has a file's worth of rows (``min_rows_per_write``). Blocks under
-    Ray's 100 KB inline limit (a batch of a small model's rows, or of scan rows) are kept in their owner's
-    memory, the driver's, until then; coalesced (streaming, no shuffle) into blocks of >= 1 MiB they wait in the
-    object store instead, which spills to disk when full.
-
-    Coalescing is a ``map_batches`` of ``rows`` rows, not Ray Data's streaming ``repartition``, which (Ray 2.60)
-    ran one task per input block, so it never combined small blocks, and asked for a whole CPU per task. With a
-    whole CPU those tasks could not start while the model actor and the fetch/decode tasks held the CPUs: they
-    queued in the driver until the input ran out, each holding its input block inlined in its task spec (the
-    driver's memory grew with the catalog). These ask for the write tasks' CPU share. At most ``tasks`` run at
-    once (the runs pass one per model actor, at least :data:`COALESCE_TASKS`); a bounded task pool also keeps
-    Ray Data from fusing them into the write tasks, whose input is a file's worth
-    (tests/integration/test_embed_write.py checks both).
+    A write task starts once it has a file's worth of rows; until then blocks under Ray's 100 KB inline limit (a
+    small model's batches, scan rows) would wait in the driver's memory, coalesced into >= 1 MiB blocks they wait
+    in the object store (which spills). Not Ray Data's ``repartition``: in Ray 2.60 it ran one task per block (no
+    combining) asking for a whole CPU, so its tasks queued in the driver behind the model actor and fetch tasks.
+    These take the write tasks' CPU share, at most ``tasks`` at once (a bounded pool also keeps Ray Data from
+    fusing them into the write; tests/integration/test_embed_write.py checks both).
     """
-    import ray.data
-
     rows = max(1, MIN_WRITE_BLOCK_BYTES // max(1, row_bytes))
     if sink.min_rows_per_write:  # never hold rows back for more than one write task's worth (a small rows_per_file)
         rows = min(rows, int(sink.min_rows_per_write))
@@ -101,8 +94,6 @@ def _input_rows(plan: RunPlan) -> ray.data.Dataset:
 
 
 def _prepare(plan: RunPlan, ds: ray.data.Dataset, fn: Callable[..., Any], **kwargs: Any) -> ray.data.Dataset:
-    import ray.data
-
     return ds.map_batches(fn, fn_kwargs=kwargs, batch_size=plan.cfg.preprocess_batch_size, batch_format="pyarrow",
                           num_cpus=plan.cfg.preprocess_cpus,
                           compute=ray.data.TaskPoolStrategy(size=plan.cfg.preprocess_concurrency))
@@ -113,10 +104,6 @@ def _prepare_fn(plan: RunPlan) -> Callable[..., Any]:
 
 
 def _model(plan: RunPlan, ds: ray.data.Dataset) -> ray.data.Dataset:
-    import ray.data
-
-    from vlm2rec_ray.embed.predictor import EmbedPredictor
-
     return ds.map_batches(
         EmbedPredictor,
         fn_constructor_kwargs={"config": plan.cfg.model_dump(mode="json"), "dim": plan.dim, "gpus": plan.gpus,
@@ -139,8 +126,6 @@ def run_full(plan: RunPlan, sink: RowSink) -> None:
 def run_incremental(plan: RunPlan, sink: RowSink, say: Callable[[str], None]) -> dict[str, Any]:
     """Pass 1 (scan + classify, staged) and pass 2 (encode new/changed, errors, carry unchanged); returns the
     scan sink's result."""
-    import ray
-
     index = ray.remote(num_cpus=0.25)(incremental.build_index_from_files)
     prev, prev_ref = plan.previous, None
     if prev is not None:

@@ -1,16 +1,12 @@
 """Object storage: one small API over local paths and object stores, a backend per URI scheme.
 
-Everything in the project that reads or writes files goes through here, so a job is store- and
-endpoint-agnostic. :func:`~vlm2rec_ray.storage.base.backend` picks the backend of a URI's scheme
-(:data:`~vlm2rec_ray.storage.base.BACKENDS`: local paths and ``s3://`` today); the functions below are written
-once over the backends' primitives. ``endpoint`` is the store's endpoint override (S3: the config's
-``storage.endpoint_url``, else ``AWS_ENDPOINT_URL``); credentials come from the SDKs' standard chains and are
-never logged.
-
-- Small objects (manifests, images): :func:`read_bytes`, :func:`write_bytes`; big local files:
-  :func:`put_file` (S3: ``upload_file`` with a ``TransferConfig``); a table: :func:`read_parquet` /
-  :func:`write_parquet`; for pyarrow and Ray Data readers: :func:`pyarrow_filesystem`.
-- S3 retries are counted per process and reported as a Ray metric (:mod:`vlm2rec_ray.storage.retries`).
+Everything in the project that reads or writes files goes through here, so a job is store- and endpoint-
+agnostic: :func:`~vlm2rec_ray.storage.base.backend` picks the backend of a URI's scheme (``base.BACKENDS``:
+local paths and ``s3://``), and the functions below are written once over the backends' primitives.
+``endpoint`` is the store's endpoint override (S3: ``storage.endpoint_url`` of the config, else
+``AWS_ENDPOINT_URL``); credentials come from the SDKs' standard chains and are never logged. Big files go
+through :func:`put_file` (S3: boto3's ``upload_file``), tables through the store's pyarrow filesystem
+(:func:`pyarrow_filesystem`, also what Ray Data reads with). S3 retries are counted (:mod:`.retries`).
 """
 
 from __future__ import annotations
@@ -22,16 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from vlm2rec_ray.storage.base import (
-    Backend,
-    StorageError,
-    backend,
-    is_remote,
-    join,
-    local_errors,
-    resolve_local,
-    scheme,
-)
+from vlm2rec_ray.storage.base import Backend, StorageError, arrow_errors, backend, is_remote, join, scheme
+from vlm2rec_ray.storage.local import local_errors, resolve_local
 from vlm2rec_ray.storage.s3 import endpoint_url, s3_client
 
 if TYPE_CHECKING:
@@ -41,11 +29,7 @@ if TYPE_CHECKING:
 
 
 def read_bytes(uri: str, *, endpoint: str | None = None, max_bytes: int | None = None) -> bytes:
-    """Read a whole object or file.
-
-    Raises:
-        StorageError: with reason ``missing``, ``denied``, ``too_large`` or ``io_error``.
-    """
+    """A whole object or file. Raises :class:`StorageError` (``missing``, ``denied``, ``too_large``, ``io_error``)."""
     return backend(uri, endpoint).read(uri, max_bytes)
 
 
@@ -64,7 +48,7 @@ def write_text(uri: str, text: str, *, endpoint: str | None = None) -> None:
 
 @contextlib.contextmanager
 def open_read(uri: str, *, endpoint: str | None = None) -> Iterator[BinaryIO]:
-    """Stream an object or file (for inputs too large to hold in memory, e.g. review dumps)."""
+    """Stream an object or file (inputs too large to hold in memory, e.g. review dumps)."""
     with backend(uri, endpoint).open(uri) as f:
         yield f
 
@@ -77,18 +61,16 @@ def exists(uri: str, *, endpoint: str | None = None) -> bool:
 def list_uris(prefix: str, *, endpoint: str | None = None, suffix: str = "") -> list[str]:
     """All objects/files under a prefix (recursive), sorted, optionally filtered by suffix."""
     b = backend(prefix, endpoint)
-    if not b.exists(prefix):
-        return []
-    return [u for u in b.list(prefix) if u.endswith(suffix)]
+    return [u for u in b.list(prefix) if u.endswith(suffix)] if b.exists(prefix) else []
 
 
 def delete(uri: str, *, endpoint: str | None = None) -> bool:
     """Delete one object or file; returns whether it existed."""
     b = backend(uri, endpoint)
-    if not b.exists(uri):
-        return False
-    b.delete([uri])
-    return True
+    found = b.exists(uri)
+    if found:
+        b.delete([uri])
+    return found
 
 
 def delete_prefix(prefix: str, *, endpoint: str | None = None) -> int:
@@ -98,18 +80,14 @@ def delete_prefix(prefix: str, *, endpoint: str | None = None) -> int:
 
 
 def put_file(path: str | os.PathLike[str], uri: str, *, endpoint: str | None = None) -> int:
-    """Copy a local file to ``uri`` (the destination appears only complete); returns its size in bytes.
-
-    Raises:
-        StorageError: the copy failed (reason ``denied``, ``missing`` for a missing bucket, ``io_error``).
-    """
+    """Copy a local file to ``uri`` (it appears only complete); returns its size. Raises :class:`StorageError`."""
     backend(uri, endpoint).upload(str(path), uri)
     return os.path.getsize(path)
 
 
 def download_prefix(prefix: str, local_dir: str | os.PathLike[str], *, endpoint: str | None = None) -> Path:
     """Copy every object under ``prefix`` into ``local_dir`` (keeping relative paths), skipping files already there
-    with the same size, so a cache directory can be reused across runs.
+    with the same size, so a cache directory is reused across runs.
 
     Raises:
         StorageError: nothing under ``prefix`` (``missing``), or a copy failed.
@@ -123,23 +101,21 @@ def download_prefix(prefix: str, local_dir: str | os.PathLike[str], *, endpoint:
         target = resolve_local(uri[len(base):], dest)
         target.parent.mkdir(parents=True, exist_ok=True)
         if not target.exists() or target.stat().st_size != size:
-            tmp = target.with_name(f".{target.name}.part")
-            b.download(uri, str(tmp))
-            os.replace(tmp, target)
+            b.download(uri, str(target.with_name(f".{target.name}.part")))
+            os.replace(target.with_name(f".{target.name}.part"), target)
     return dest
 
 
 def upload_dir(local_dir: str | os.PathLike[str], prefix: str, *, endpoint: str | None = None) -> int:
     """Upload a local directory tree under a prefix (any store); returns the number of files."""
-    src = Path(local_dir)
-    files = [p for p in sorted(src.rglob("*")) if p.is_file()]
+    files = [p for p in sorted(Path(local_dir).rglob("*")) if p.is_file()]
     for p in files:
-        put_file(p, join(prefix, p.relative_to(src).as_posix()), endpoint=endpoint)
+        put_file(p, join(prefix, p.relative_to(local_dir).as_posix()), endpoint=endpoint)
     return len(files)
 
 
 def pyarrow_filesystem(uri: str, *, endpoint: str | None = None) -> tuple[pyarrow.fs.FileSystem, str]:
-    """A pyarrow filesystem for ``uri``'s store and the path within it (what pyarrow, Ray Data and Ray Train take)."""
+    """A pyarrow filesystem of ``uri``'s store and the path in it (what pyarrow, Ray Data and Ray Train take)."""
     return backend(uri, endpoint).filesystem(uri)
 
 
@@ -149,76 +125,41 @@ def absolute(uri: str) -> str:
 
 
 def check_uri(uri: str) -> None:
-    """Raise ``ValueError`` when no backend handles ``uri`` or it is malformed for its store (an S3 URI without a
-    valid bucket)."""
+    """Raise ``ValueError`` when no backend handles ``uri`` or it is malformed (an S3 URI without a bucket)."""
     backend(uri).check(uri)
 
 
 def is_under(uri: str, root: str) -> bool:
-    """``uri`` lies under ``root`` (same store; local paths compared resolved, so ``..`` and symlinks cannot
-    escape)."""
-    return scheme(uri) == scheme(root) and backend(uri).contains(backend(root).absolute(root), backend(uri).absolute(uri))
-
-
-@contextlib.contextmanager
-def spool_file(suffix: str = "") -> Iterator[str]:
-    """A path for a temporary local file (under ``tempfile.gettempdir()``), removed on exit: where a write is
-    built before :func:`put_file` copies it to its store."""
-    fd, name = tempfile.mkstemp(prefix="vlm2rec-spool-", suffix=suffix)
-    os.close(fd)
-    try:
-        yield name
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name)
-
-
-@contextlib.contextmanager
-def _arrow_errors(uri: str) -> Iterator[None]:
-    """pyarrow's I/O errors as :class:`StorageError` (``missing`` or ``io_error``)."""
-    try:
-        yield
-    except OSError as e:
-        msg = str(e)
-        if isinstance(e, FileNotFoundError) or "NoSuchKey" in msg or "does not exist" in msg.lower():
-            raise StorageError(f"no Parquet data at {uri}; check the path and the endpoint", reason="missing") from e
-        raise StorageError(f"reading Parquet {uri} failed: {redact(msg)}", reason="io_error") from e
+    """``uri`` lies under ``root`` (same store; local paths compared resolved: ``..`` and symlinks cannot escape)."""
+    return scheme(uri) == scheme(root) and backend(uri).contains(absolute(root), absolute(uri))
 
 
 def read_parquet(uri: str, *, endpoint: str | None = None, columns: list[str] | None = None) -> pyarrow.Table:
-    """Read a Parquet file, or a directory/prefix of Parquet files (hive partitions included).
-
-    Raises:
-        StorageError: reason ``missing`` when nothing is there, ``io_error`` when reading failed.
-    """
+    """A Parquet file, or a directory/prefix of them (hive partitions included). Raises :class:`StorageError`."""
     import pyarrow.parquet as pq
 
     fs, path = pyarrow_filesystem(uri, endpoint=endpoint)
-    with _arrow_errors(uri):
+    with arrow_errors(uri):
         return pq.read_table(path, filesystem=fs, columns=columns)
 
 
 @contextlib.contextmanager
 def open_parquet(uri: str, *, endpoint: str | None = None) -> Iterator[pyarrow.parquet.ParquetFile]:
-    """One Parquet file to read by row group or column (``iter_batches``), through the store's pyarrow filesystem.
-
-    Raises:
-        StorageError: reason ``missing`` or ``io_error``.
-    """
+    """One Parquet file, to read by row group or column (``iter_batches``). Raises :class:`StorageError`."""
     import pyarrow.parquet as pq
 
     fs, path = pyarrow_filesystem(uri, endpoint=endpoint)
-    with _arrow_errors(uri), fs.open_input_file(path) as f:
+    with arrow_errors(uri), fs.open_input_file(path) as f:
         yield pq.ParquetFile(f)
 
 
 def write_parquet(table: pyarrow.Table, uri: str, *, endpoint: str | None = None) -> None:
-    """Write one Parquet file (built in a spool file, then :func:`put_file`): readers never see half of it."""
+    """Write one Parquet file (built in a local temporary dir, then :func:`put_file`): never seen half written."""
     import pyarrow.parquet as pq
 
-    with spool_file(".parquet") as spool:
-        pq.write_table(table, spool)
-        put_file(spool, uri, endpoint=endpoint)
+    with tempfile.TemporaryDirectory(prefix="vlm2rec-spool-") as spool:
+        pq.write_table(table, f"{spool}/table.parquet")
+        put_file(f"{spool}/table.parquet", uri, endpoint=endpoint)
 
 
 def redact(text: str) -> str:
@@ -230,9 +171,8 @@ def redact(text: str) -> str:
     return text
 
 
-__all__ = [
-    "Backend", "StorageError", "absolute", "backend", "check_uri", "delete", "delete_prefix", "download_prefix", "endpoint_url",
-    "exists", "is_remote", "is_under", "join", "list_uris", "local_errors", "open_parquet", "open_read", "put_file",
-    "pyarrow_filesystem", "read_bytes", "read_parquet", "read_text", "redact", "resolve_local", "s3_client", "scheme",
-    "spool_file", "upload_dir", "write_bytes", "write_parquet", "write_text",
-]
+__all__ = ["Backend", "StorageError", "absolute", "backend", "check_uri", "delete", "delete_prefix",
+           "download_prefix", "endpoint_url", "exists", "is_remote", "is_under", "join", "list_uris", "local_errors",
+           "open_parquet", "open_read", "put_file", "pyarrow_filesystem", "read_bytes", "read_parquet", "read_text",
+           "redact", "resolve_local", "s3_client", "scheme", "upload_dir", "write_bytes",
+           "write_parquet", "write_text"]

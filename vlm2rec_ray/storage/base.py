@@ -1,8 +1,9 @@
-"""The storage backend interface and the registry that picks a backend by URI scheme.
+"""The storage backend interface, written once over pyarrow's filesystems, and the registry of backends by scheme.
 
-A backend is one store (a local filesystem, S3, GCS, Azure Blob): a small class with the primitives below, every
-other operation (:mod:`vlm2rec_ray.storage`) is built on them once. A new store is one new module with a
-:class:`Backend` subclass, named in :data:`BACKENDS` by its scheme.
+A backend is one store (a local filesystem, S3, GCS, Azure Blob). Every primitive below works through the store's
+pyarrow filesystem, so a new store is one module with a :class:`Backend` subclass that builds that filesystem
+(:meth:`Backend.filesystem`), named in :data:`BACKENDS` under its scheme; where the store's own SDK does better, the
+subclass overrides a primitive (S3: reads, writes and uploads through boto3, whose retries are counted).
 """
 
 from __future__ import annotations
@@ -10,21 +11,19 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import shutil
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, ClassVar
 
 if TYPE_CHECKING:
     import pyarrow.fs
 
 # URI scheme -> "module:Class" of its backend; a path without a scheme (or file://) is local.
-BACKENDS: dict[str, str] = {
-    "": "vlm2rec_ray.storage.local:LocalBackend",
-    "s3": "vlm2rec_ray.storage.s3:S3Backend",
-}
+BACKENDS: dict[str, str] = {"": "vlm2rec_ray.storage.local:LocalBackend", "s3": "vlm2rec_ray.storage.s3:S3Backend"}
 _INSTANCES: dict[tuple[str, str | None], Backend] = {}
 _LOCK = threading.Lock()
+_COPY_BYTES = 8 << 20
 
 
 class StorageError(RuntimeError):
@@ -35,58 +34,39 @@ class StorageError(RuntimeError):
         self.reason = reason
 
 
-class Backend:
-    """One store. URIs handed to a backend are absolute in its scheme (``s3://bucket/key``; a local path).
+@contextlib.contextmanager
+def arrow_errors(uri: str) -> Iterator[None]:
+    """pyarrow's (and the OS's) I/O errors as :class:`StorageError` with a reason."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as e:
+        msg = str(e)
+        if isinstance(e, FileNotFoundError | IsADirectoryError) or any(
+                s in msg for s in ("NoSuchKey", "NoSuchBucket", "does not exist", "NOT_FOUND")):
+            raise StorageError(f"file not found: {uri}; check the path (and the endpoint of an object store)",
+                               reason="missing") from e
+        if isinstance(e, PermissionError) or "ACCESS_DENIED" in msg or "AccessDenied" in msg:
+            raise StorageError(f"access denied to {uri}; check the credentials", reason="denied") from e
+        raise StorageError(f"storage request for {uri} failed: {msg}", reason="io_error") from e
 
-    Every method raises :class:`StorageError` (reason ``missing``, ``denied``, ``too_large`` or ``io_error``)
-    for a failed operation and ``ValueError`` for a malformed URI. Writes are all-or-nothing: a reader never
-    sees half an object. ``endpoint`` is the store's endpoint override (None: the SDK's default).
+
+class Backend:
+    """One store. Its URIs are ``<scheme>://...`` (:attr:`prefix`) or, for the local backend, paths.
+
+    Primitives raise :class:`StorageError` (reason ``missing``, ``denied``, ``too_large`` or ``io_error``), and
+    ``ValueError`` for a malformed URI; writes are all or nothing (a reader never sees half an object).
+    ``endpoint`` is the store's endpoint override (None: the SDK's default).
     """
 
-    scheme: ClassVar[str] = ""
+    prefix: ClassVar[str] = ""  # what the store's URIs start with, e.g. "s3://"
 
     def __init__(self, endpoint: str | None = None) -> None:
         self.endpoint = endpoint
 
-    def read(self, uri: str, max_bytes: int | None = None) -> bytes:
-        """The whole object; ``too_large`` (without reading it) when it has more than ``max_bytes`` bytes."""
-        raise NotImplementedError
-
-    def open(self, uri: str) -> contextlib.AbstractContextManager[BinaryIO]:
-        """A stream over the object, for inputs too large to hold in memory."""
-        raise NotImplementedError
-
-    def write(self, uri: str, data: bytes) -> None:
-        raise NotImplementedError
-
-    def upload(self, path: str, uri: str) -> None:
-        """Copy the local file ``path`` to ``uri`` (large files in parts, side by side)."""
-        raise NotImplementedError
-
-    def download(self, uri: str, path: str) -> None:
-        """Copy the object to the local file ``path``."""
-        raise NotImplementedError
-
-    def exists(self, uri: str) -> bool:
-        """An object, or a prefix/directory holding anything, is at ``uri``."""
-        raise NotImplementedError
-
-    def list(self, prefix: str) -> dict[str, int]:
-        """``{uri: size in bytes}`` of every object under ``prefix`` (recursive), sorted by URI."""
-        raise NotImplementedError
-
-    def delete(self, uris: list[str]) -> None:
-        """Delete these objects (missing ones are fine)."""
-        raise NotImplementedError
-
-    def delete_prefix(self, prefix: str) -> int:
-        """Delete everything under ``prefix``; returns how many objects were removed."""
-        uris = self.list(prefix)
-        self.delete(list(uris))
-        return len(uris)
-
     def filesystem(self, uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
-        """A pyarrow filesystem for the store (what pyarrow and Ray Data read through) and ``uri``'s path in it."""
+        """The store's pyarrow filesystem (what pyarrow and Ray Data read through) and ``uri``'s path in it."""
         raise NotImplementedError
 
     def check(self, uri: str) -> None:
@@ -97,9 +77,81 @@ class Backend:
         return uri
 
     def contains(self, root: str, uri: str) -> bool:
-        """``uri`` lies under ``root`` (both of this store; ``..`` can never escape)."""
+        """``uri`` lies under ``root`` (both absolute, of this store)."""
         r = root.rstrip("/")
         return uri == r or uri.startswith(r + "/")
+
+    def read(self, uri: str, max_bytes: int | None = None) -> bytes:
+        """The whole object; ``too_large`` (without reading it) when it has more than ``max_bytes`` bytes."""
+        import pyarrow.fs as pafs
+
+        fs, path = self.filesystem(uri)
+        with arrow_errors(uri):
+            info = fs.get_file_info(path)
+            if info.type != pafs.FileType.File:
+                raise StorageError(f"{uri} is not a file or object", reason="missing")
+            if max_bytes is not None and info.size > max_bytes:
+                raise StorageError(f"{uri} is {info.size} bytes, over the cap of {max_bytes}", "too_large")
+            with fs.open_input_stream(path) as f:
+                return f.read()
+
+    @contextlib.contextmanager
+    def open(self, uri: str) -> Iterator[BinaryIO]:
+        """A stream over the object (inputs too large to hold in memory)."""
+        fs, path = self.filesystem(uri)
+        with arrow_errors(uri), fs.open_input_stream(path) as f:
+            yield f  # type: ignore[misc]
+
+    def write(self, uri: str, data: bytes) -> None:
+        fs, path = self.filesystem(uri)
+        with arrow_errors(uri), fs.open_output_stream(path) as f:
+            f.write(data)
+
+    def upload(self, path: str, uri: str) -> None:
+        """Copy the local file ``path`` to ``uri``."""
+        fs, dest = self.filesystem(uri)
+        with arrow_errors(uri), open(path, "rb") as src, fs.open_output_stream(dest) as dst:
+            shutil.copyfileobj(src, dst, _COPY_BYTES)  # type: ignore[misc]
+
+    def download(self, uri: str, path: str) -> None:
+        fs, src_path = self.filesystem(uri)
+        with arrow_errors(uri), fs.open_input_stream(src_path) as src, open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst, _COPY_BYTES)  # type: ignore[misc]
+
+    def exists(self, uri: str) -> bool:
+        """An object, or a prefix/directory holding anything, is at ``uri``."""
+        import pyarrow.fs as pafs
+
+        fs, path = self.filesystem(uri)
+        with arrow_errors(uri):
+            return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def list(self, prefix: str) -> dict[str, int]:
+        """``{uri: size in bytes}`` of every object under ``prefix`` (recursive), sorted by URI."""
+        import pyarrow.fs as pafs
+
+        fs, path = self.filesystem(prefix)
+        with arrow_errors(prefix):
+            top = fs.get_file_info(path)
+            infos = [top] if top.type == pafs.FileType.File else fs.get_file_info(
+                pafs.FileSelector(path, recursive=True, allow_not_found=True))
+        return dict(sorted((self.prefix + i.path, i.size) for i in infos if i.type == pafs.FileType.File))
+
+    def delete(self, uris: list[str]) -> None:
+        """Delete these objects (missing ones are fine)."""
+        for uri in uris:
+            fs, path = self.filesystem(uri)
+            with contextlib.suppress(FileNotFoundError), arrow_errors(uri):
+                fs.delete_file(path)
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete everything under ``prefix``; returns how many objects were removed."""
+        import pyarrow.fs as pafs
+
+        n, (fs, path) = len(self.list(prefix)), self.filesystem(prefix)
+        with arrow_errors(prefix):
+            fs.delete_dir(path) if fs.get_file_info(path).type == pafs.FileType.Directory else fs.delete_file(path)
+        return n
 
 
 def scheme(uri: str | os.PathLike[str]) -> str:
@@ -116,15 +168,13 @@ def backend(uri: str | os.PathLike[str], endpoint: str | None = None) -> Backend
     """
     name = scheme(uri)
     with _LOCK:
-        inst = _INSTANCES.get((name, endpoint))
-        if inst is None:
-            target = BACKENDS.get(name)
-            if target is None:
+        if (name, endpoint) not in _INSTANCES:
+            if name not in BACKENDS:
                 raise ValueError(f"no storage backend for {str(uri)!r} (scheme {name!r}); supported: a local path, "
                                  + ", ".join(f"{s}://" for s in sorted(BACKENDS) if s))
-            module, _, cls = target.partition(":")
-            inst = _INSTANCES[(name, endpoint)] = getattr(importlib.import_module(module), cls)(endpoint)
-    return inst
+            module, _, cls = BACKENDS[name].partition(":")
+            _INSTANCES[(name, endpoint)] = getattr(importlib.import_module(module), cls)(endpoint)
+        return _INSTANCES[(name, endpoint)]
 
 
 def is_remote(uri: str | os.PathLike[str]) -> bool:
@@ -133,43 +183,9 @@ def is_remote(uri: str | os.PathLike[str]) -> bool:
 
 
 def join(base: str, *parts: str) -> str:
-    """Join URI/path parts with ``/`` (works for every scheme and local paths)."""
+    """Join URI/path parts with ``/`` (every scheme, and local paths)."""
     out = str(base)
     for part in parts:
         if str(part):
             out = out.rstrip("/") + "/" + str(part).lstrip("/")
     return out
-
-
-def resolve_local(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> Path:
-    """Resolve a local path; with ``root``, relative paths are taken under it and may not escape it.
-
-    Raises:
-        ValueError: the path resolves outside ``root`` (``..``, a symlink, an absolute path elsewhere).
-    """
-    p = Path(str(path).removeprefix("file://")).expanduser()
-    if root is None:
-        return p.resolve()
-    root_p = Path(str(root).removeprefix("file://")).expanduser().resolve()
-    full = (p if p.is_absolute() else root_p / p).resolve()
-    if full != root_p and root_p not in full.parents:
-        raise ValueError(f"path {str(path)!r} resolves to {str(full)!r}, outside the allowed root {str(root_p)!r}; "
-                         "use a path inside the root (no '..')")
-    return full
-
-
-@contextlib.contextmanager
-def local_errors(path: str | os.PathLike[str]) -> Iterator[None]:
-    """Local file errors as :class:`StorageError`: ``missing`` (no such file, or a directory) or ``denied``."""
-    try:
-        yield
-    except FileNotFoundError as e:
-        raise StorageError(f"file not found: {path}", reason="missing") from e
-    except PermissionError as e:
-        raise StorageError(f"permission denied: {path}", reason="denied") from e
-    except IsADirectoryError as e:
-        raise StorageError(f"expected a file, got a directory: {path}", reason="missing") from e
-
-
-__all__ = ["BACKENDS", "Backend", "StorageError", "backend", "is_remote", "join", "local_errors", "resolve_local",
-           "scheme"]

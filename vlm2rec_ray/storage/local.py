@@ -1,4 +1,5 @@
-"""Local paths (and ``file://`` URIs): writes go to a temporary name beside the target and are renamed into place."""
+"""Local paths (and ``file://`` URIs): pyarrow's LocalFileSystem, with writes to a temporary name beside the
+target renamed into place (atomic: a reader never sees a partial file)."""
 
 from __future__ import annotations
 
@@ -8,79 +9,50 @@ import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 
-from vlm2rec_ray.storage.base import Backend, StorageError, local_errors, resolve_local
+from vlm2rec_ray.storage.base import Backend, StorageError
 
 if TYPE_CHECKING:
     import pyarrow.fs
 
 
+def resolve_local(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> Path:
+    """Resolve a local path; with ``root``, relative paths are taken under it and may not escape it.
+
+    Raises:
+        ValueError: the path resolves outside ``root`` (``..``, a symlink, an absolute path elsewhere).
+    """
+    p = Path(str(path).removeprefix("file://")).expanduser()
+    if root is None:
+        return p.resolve()
+    root_p = Path(str(root).removeprefix("file://")).expanduser().resolve()
+    full = (p if p.is_absolute() else root_p / p).resolve()
+    if full != root_p and root_p not in full.parents:
+        raise ValueError(f"path {str(path)!r} resolves to {str(full)!r}, outside the allowed root {str(root_p)!r}; "
+                         "use a path inside the root (no '..')")
+    return full
+
+
+@contextlib.contextmanager
+def local_errors(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Local file errors as :class:`StorageError`: ``missing`` (no such file, or a directory) or ``denied``."""
+    try:
+        yield
+    except (FileNotFoundError, IsADirectoryError) as e:
+        raise StorageError(f"no such file: {path}", reason="missing") from e
+    except PermissionError as e:
+        raise StorageError(f"permission denied: {path}", reason="denied") from e
+
+
 def temp_beside(dest: Path) -> Path:
-    """A temporary name next to ``dest`` (its directory created): same directory, so ``os.replace`` onto ``dest``
-    is atomic and readers never see a partial file."""
+    """A temporary name next to ``dest`` (its directory created): same directory, so ``os.replace`` is atomic."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     return dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{threading.get_ident()}")
 
 
 class LocalBackend(Backend):
-    """A POSIX filesystem (also what a shared mount such as NFS or FSx looks like to every node)."""
-
-    def read(self, uri: str, max_bytes: int | None = None) -> bytes:
-        path = resolve_local(uri)
-        with local_errors(path):
-            size = path.stat().st_size
-            if max_bytes is not None and size > max_bytes:
-                raise StorageError(f"{uri} is {size} bytes, over the cap of {max_bytes}", "too_large")
-            return path.read_bytes()
-
-    @contextlib.contextmanager
-    def open(self, uri: str) -> Iterator[BinaryIO]:
-        path = resolve_local(uri)
-        with local_errors(path):
-            f = path.open("rb")
-        with f:
-            yield f
-
-    def write(self, uri: str, data: bytes) -> None:
-        path = resolve_local(uri)
-        tmp = temp_beside(path)
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-
-    def upload(self, path: str, uri: str) -> None:
-        dest = resolve_local(uri)
-        tmp = temp_beside(dest)
-        try:
-            with local_errors(path):
-                shutil.copyfile(path, tmp)
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def download(self, uri: str, path: str) -> None:
-        self.upload(str(resolve_local(uri)), path)
-
-    def exists(self, uri: str) -> bool:
-        return resolve_local(uri).exists()
-
-    def list(self, prefix: str) -> dict[str, int]:
-        root = resolve_local(prefix)
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        return {str(p): p.stat().st_size for p in files}
-
-    def delete(self, uris: list[str]) -> None:
-        for u in uris:
-            resolve_local(u).unlink(missing_ok=True)
-
-    def delete_prefix(self, prefix: str) -> int:
-        n = len(self.list(prefix)) if self.exists(prefix) else 0
-        root = resolve_local(prefix)
-        if root.is_dir():
-            shutil.rmtree(root)
-        elif root.exists():
-            root.unlink()
-        return n
+    """A POSIX filesystem (also what a shared mount, NFS or FSx, looks like to every node)."""
 
     def filesystem(self, uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
         import pyarrow.fs as pafs
@@ -96,3 +68,17 @@ class LocalBackend(Backend):
         except ValueError:
             return False
         return True
+
+    def write(self, uri: str, data: bytes) -> None:
+        tmp = temp_beside(resolve_local(uri))
+        tmp.write_bytes(data)
+        os.replace(tmp, resolve_local(uri))
+
+    def upload(self, path: str, uri: str) -> None:
+        tmp = temp_beside(resolve_local(uri))
+        try:
+            with local_errors(path):
+                shutil.copyfile(path, tmp)
+            os.replace(tmp, resolve_local(uri))
+        finally:
+            tmp.unlink(missing_ok=True)

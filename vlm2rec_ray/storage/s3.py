@@ -82,110 +82,63 @@ def error(uri: str, exc: Exception) -> StorageError:
     return StorageError(f"S3 request for {uri} failed: {type(exc).__name__}: {exc}", reason="io_error")
 
 
-class S3Backend(Backend):
-    scheme = "s3"
+@contextlib.contextmanager
+def _errors(uri: str) -> Iterator[None]:
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as e:
+        raise error(uri, e) from e
 
-    def check(self, uri: str) -> None:
-        split(uri)
+
+class S3Backend(Backend):
+    """S3: pyarrow's S3FileSystem for tables, listings and deletes; boto3 (one cached client per endpoint, its
+    retries counted) for reads, writes and transfers."""
+
+    prefix = "s3://"
 
     @property
     def client(self) -> Any:
         return s3_client(self.endpoint)
 
+    def check(self, uri: str) -> None:
+        split(uri)
+
     def read(self, uri: str, max_bytes: int | None = None) -> bytes:
         bucket, key = split(uri)
         if not key or key.endswith("/"):
             raise StorageError(f"{uri} names a bucket or prefix, not an object", reason="missing")
-        try:  # one GET: the size check uses the response's Content-Length before the body is read
+        with _errors(uri):  # one GET: the size check uses the response's Content-Length before the body is read
             resp = self.client.get_object(Bucket=bucket, Key=key)
-            size = int(resp.get("ContentLength", -1))
-            if max_bytes is not None and size > max_bytes:
+            if max_bytes is not None and int(resp.get("ContentLength", -1)) > max_bytes:
                 resp["Body"].close()
-                raise StorageError(f"{uri} is {size} bytes, over the cap of {max_bytes}", "too_large")
+                raise StorageError(f"{uri} is {resp['ContentLength']} bytes, over the cap of {max_bytes}", "too_large")
             return resp["Body"].read()
-        except StorageError:
-            raise
-        except Exception as e:
-            raise error(uri, e) from e
 
     @contextlib.contextmanager
     def open(self, uri: str) -> Iterator[BinaryIO]:
         bucket, key = split(uri)
-        try:
+        with _errors(uri):
             body = self.client.get_object(Bucket=bucket, Key=key)["Body"]
-        except Exception as e:
-            raise error(uri, e) from e
         with contextlib.closing(body):
             yield body
 
     def write(self, uri: str, data: bytes) -> None:
         bucket, key = split(uri)
-        try:
+        with _errors(uri):
             self.client.put_object(Bucket=bucket, Key=key, Body=data)
-        except Exception as e:
-            raise error(uri, e) from e
 
     def upload(self, path: str, uri: str) -> None:
         from boto3.s3.transfer import TransferConfig
 
-        bucket, key = split(uri)
-        cfg = TransferConfig(multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES,
-                             max_concurrency=UPLOAD_THREADS)
-        try:
-            self.client.upload_file(str(path), bucket, key, Config=cfg)
-        except Exception as e:
-            raise error(uri, e) from e
+        cfg = TransferConfig(multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES, max_concurrency=UPLOAD_THREADS)
+        with _errors(uri):
+            self.client.upload_file(str(path), *split(uri), Config=cfg)
 
     def download(self, uri: str, path: str) -> None:
-        bucket, key = split(uri)
-        try:
-            self.client.download_file(bucket, key, str(path))
-        except Exception as e:
-            raise error(uri, e) from e
-
-    def exists(self, uri: str) -> bool:
-        bucket, key = split(uri)
-        try:
-            if not key:
-                self.client.head_bucket(Bucket=bucket)
-            else:
-                self.client.head_object(Bucket=bucket, Key=key)
-            return True
-        except Exception as e:
-            err = error(uri, e)
-            if err.reason != "missing":
-                raise err from e
-        if not key:
-            return False
-        # A "directory" prefix exists if anything lives under it.
-        resp = self.client.list_objects_v2(Bucket=bucket, Prefix=key.rstrip("/") + "/", MaxKeys=1)
-        return resp.get("KeyCount", 0) > 0
-
-    def list(self, prefix: str) -> dict[str, int]:
-        bucket, key = split(prefix)
-        out: dict[str, int] = {}
-        try:  # the keys under "<key>/": an object named exactly <key> is not a prefix's content
-            pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=bucket, Prefix=key.rstrip("/") + "/" if key else "")
-            for page in pages:
-                out.update((f"s3://{bucket}/{o['Key']}", int(o["Size"])) for o in page.get("Contents", [])
-                           if not o["Key"].endswith("/"))
-        except Exception as e:
-            raise error(prefix, e) from e
-        return dict(sorted(out.items()))
-
-    def delete(self, uris: list[str]) -> None:
-        by_bucket: dict[str, list[str]] = {}
-        for u in uris:
-            bucket, key = split(u)
-            by_bucket.setdefault(bucket, []).append(key)
-        for bucket, keys in by_bucket.items():
-            for i in range(0, len(keys), 1000):
-                try:
-                    self.client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]],
-                                                                      "Quiet": True})
-                except Exception as e:
-                    raise error(f"s3://{bucket}/", e) from e
+        with _errors(uri):
+            self.client.download_file(*split(uri), str(path))
 
     def filesystem(self, uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
         """pyarrow's S3 filesystem (its own AWS SDK client: standard retries, not counted) and ``bucket/key``."""
@@ -194,9 +147,8 @@ class S3Backend(Backend):
         bucket, key = split(uri)
         kwargs: dict[str, Any] = {"region": _region(), "connect_timeout": 10, "request_timeout": 60,
                                   "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=8)}
-        ep = endpoint_url(self.endpoint)
-        if ep:
-            scheme, _, hostport = ep.partition("://")
+        if endpoint_url(self.endpoint):
+            scheme, _, hostport = endpoint_url(self.endpoint).partition("://")  # type: ignore[union-attr]
             kwargs.update(endpoint_override=hostport.rstrip("/"), scheme=scheme)
         return pafs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
 

@@ -19,12 +19,12 @@ up to ``max_failures`` times.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vlm2rec_ray import storage
+from vlm2rec_ray.runtime import connect_ray
 
 if TYPE_CHECKING:
     import ray.data
@@ -35,27 +35,6 @@ if TYPE_CHECKING:
 __all__ = ["PROBE_ROWS", "build_trainer", "connect_ray", "run_training"]
 
 PROBE_ROWS = 4  # rows of the export-check / rank-agreement probe batch
-
-
-def connect_ray(address: str | None = None) -> None:
-    """Join a running cluster or start a private local one.
-
-    Args:
-        address: a cluster to join (``auto``: the one ``ray start`` runs on this machine, or
-            ``ray://host:10001``); default ``RAY_ADDRESS``, which ``ray job submit`` sets for the job's driver.
-            With neither, a private local instance is started (loopback, temp files under build/).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        ray.init(address=address)
-        return
-    from vlm2rec_ray.runtime import init_local_ray
-
-    init_local_ray()
 
 
 def _storage(cfg: TrainJobConfig) -> tuple[str, Any]:

@@ -41,7 +41,9 @@ def test_resolve_paths_pins_the_endpoint(monkeypatch: pytest.MonkeyPatch) -> Non
         assert pipeline.resolve_paths(_cfg(f"{setting}=http://s3.local")).storage.endpoint_url == "http://s3.local"
 
 
-def test_ensure_ray_joins_the_cluster_at_ray_address(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_connect_ray_joins_the_cluster_at_ray_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embed job (like train) uses the running Ray, else RAY_ADDRESS (as under `ray job submit`), else a
+    private local instance."""
     import ray
 
     import vlm2rec_ray.runtime as runtime
@@ -50,17 +52,18 @@ def test_ensure_ray_joins_the_cluster_at_ray_address(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda *a, **k: calls.append(("init", a, k)))
     monkeypatch.setattr(runtime, "init_local_ray", lambda *a, **k: calls.append(("local", a, k)))
+    assert pipeline.connect_ray is runtime.connect_ray
 
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
-    pipeline.ensure_ray()
-    assert calls == [("init", (), {})]  # ray.init() reads RAY_ADDRESS itself (as under `ray job submit`)
+    pipeline.connect_ray()
+    assert calls == [("init", (), {"address": "http://127.0.0.1:8265"})]
 
     calls.clear()
     monkeypatch.delenv("RAY_ADDRESS")
-    pipeline.ensure_ray()
+    pipeline.connect_ray()
     assert calls == [("local", (), {})]
 
     calls.clear()
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
-    pipeline.ensure_ray()
+    pipeline.connect_ray()
     assert calls == []
