@@ -36,6 +36,10 @@ TRIM_EVERY_S = 5.0  # the driver returns freed heap pages to the OS this often d
 # pickles to its tasks keeps only pyarrow's default retries): add 5xx answers without a body (HEAD), which
 # pyarrow reports as UNKNOWN and Ray's defaults leave out.
 RETRIED_IO_ERRORS = ("AWS Error UNKNOWN (HTTP status 5",)
+# Ray Data's DataSourceV2 Parquet reader (2.60's default) starts FooterReader actors, new worker processes, for
+# every read; on the 2-core box they competed with the model actor's start-up (first batch 8.3-12.6 s vs 6.0-7.5 s
+# with V1, benchmarks/RESULTS.md). V1 reads the footers of a catalog's few files where the read is planned.
+USE_DATASOURCE_V2 = False
 
 
 def user_error(e: BaseException) -> BaseException:
@@ -57,9 +61,9 @@ def _run(cfg: EmbedJobConfig, kind: str, progress: Callable[[str], None] | None)
     connect_ray()
     plan.retries_at_start = job_retries()
     ctx = ray.data.DataContext.get_current()
-    saved = ctx.enable_progress_bars, ctx.raise_original_map_exception, ctx.retried_io_errors
+    saved = ctx.enable_progress_bars, ctx.raise_original_map_exception, ctx.retried_io_errors, ctx.use_datasource_v2
     ctx.enable_progress_bars, ctx.raise_original_map_exception = plan.cfg.progress, True
-    ctx.retried_io_errors = [*ctx.retried_io_errors, *RETRIED_IO_ERRORS]
+    ctx.retried_io_errors, ctx.use_datasource_v2 = [*ctx.retried_io_errors, *RETRIED_IO_ERRORS], USE_DATASOURCE_V2
     try:
         say(f"embed {kind}: {plan.source_uri} -> {plan.run.partition} (run {plan.run.run_id}, d={plan.dim}, "
             f"{plan.cfg.num_actors} actor(s) x {plan.gpus:g} GPU)")
@@ -80,7 +84,7 @@ def _run(cfg: EmbedJobConfig, kind: str, progress: Callable[[str], None] | None)
         say(f"input: {census['rows']} rows in {len(plan.files)} file(s)")
         return publish.finish(plan, census, sink.result, scan, started, started_epoch)
     finally:
-        ctx.enable_progress_bars, ctx.raise_original_map_exception, ctx.retried_io_errors = saved
+        ctx.enable_progress_bars, ctx.raise_original_map_exception, ctx.retried_io_errors, ctx.use_datasource_v2 = saved
 
 
 def _census(plan: RunPlan) -> dict[str, Any]:
