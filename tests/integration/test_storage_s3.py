@@ -1,4 +1,4 @@
-"""storage.py and the dataset readers against a real S3 HTTP endpoint (moto_server on 127.0.0.1), with a
+"""The storage layer (the S3 backend) and the dataset readers against a real S3 HTTP endpoint (moto_server on 127.0.0.1), with a
 planted missing object and a planted corrupt image reported by reason, never raised."""
 
 from __future__ import annotations

@@ -13,16 +13,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import ray.data
 
 from vlm2rec_ray import storage
-from vlm2rec_ray.data.catalog import read_catalog, resolve_image_uri
 from vlm2rec_ray.embed import incremental
-from vlm2rec_ray.embed.preprocess import CatalogLookup
 from vlm2rec_ray.embed.schema import KEY_COLUMN
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # census and catalog_lookup run in Ray tasks: their workers import only what they use
+    import ray.data
+
     from vlm2rec_ray.config import EmbedJobConfig
+    from vlm2rec_ray.embed.preprocess import CatalogLookup
 
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")
 REQUIRED = {"items": ("item_id", "title", "image_uri"), "sequences": ("user_id", "history", "target")}
@@ -64,6 +64,8 @@ def read_rows(files: list[str], fmt: str, *, endpoint: str | None, columns: list
               include_paths: bool = False) -> ray.data.Dataset:
     """A Ray Dataset of the files' rows (Ray Data's readers over the store's pyarrow filesystem; ``path`` is the
     file's path in that filesystem, see :func:`fs_paths`)."""
+    import ray.data
+
     fs, _ = storage.pyarrow_filesystem(files[0], endpoint=endpoint)
     paths = list(fs_paths(files, endpoint))
     if fmt == "parquet":
@@ -103,6 +105,8 @@ def census(files: list[str], fmt: str, kind: str, endpoint: str | None) -> dict[
             elif kind != "items":
                 raise ValueError(f"{f}: sequences read Parquet splits (<dataset>/splits/<split>.parquet)")
             else:
+                from vlm2rec_ray.data.catalog import read_catalog
+
                 yield read_catalog(f, endpoint=endpoint).column(key).to_pylist()  # names a bad row, column, value
 
     rows = blank = 0
@@ -126,6 +130,9 @@ def census(files: list[str], fmt: str, kind: str, endpoint: str | None) -> dict[
 def catalog_lookup(files: list[str], endpoint: str | None) -> CatalogLookup:
     """The catalog as a :class:`~vlm2rec_ray.embed.preprocess.CatalogLookup` (runs in a Ray task; shared
     through the object store)."""
+    from vlm2rec_ray.data.catalog import read_catalog, resolve_image_uri
+    from vlm2rec_ray.embed.preprocess import CatalogLookup
+
     ids: list[str] = []
     titles: list[str | None] = []
     uris: list[str | None] = []

@@ -63,14 +63,10 @@ class _LRU:
         if not self.capacity:
             return
         slot = self.slots.get(key)
-        if slot is None:
-            if len(self.slots) < self.capacity:
-                slot = len(self.slots)
-            else:
-                _, slot = self.slots.popitem(last=False)  # evict the least recently used; reuse its row
-            self.slots[key] = slot
-        else:
-            self.slots.move_to_end(key)
+        if slot is None:  # the next free row, or the least recently used entry's (evicted)
+            slot = self.slots[key] = len(self.slots) if len(self.slots) < self.capacity else self.slots.popitem(
+                last=False)[1]
+        self.slots.move_to_end(key)
         self.slab[slot] = value  # type: ignore[index]
 
 

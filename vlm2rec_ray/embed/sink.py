@@ -77,6 +77,12 @@ class _PartWriter:
                 os.unlink(self._spool)
 
 
+def coalesced(batch: pa.Table) -> pa.Table:
+    """Identity (the stage before the sink): Ray Data hands it ``batch_size`` rows bundled from small blocks, and it
+    returns them as one block. Here, not in ``stages``, so its tasks import only this light module."""
+    return batch
+
+
 def _value_counts(arr: Any) -> Iterable[tuple[Any, int]]:
     vc = pc.value_counts(arr)
     return zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True) if len(vc) else ()
@@ -193,4 +199,4 @@ class EncodeTimeline:
         return (self.rows - self.rows_at_first) / ((self.last_us - self.first_us) / 1e6)
 
 
-__all__ = ["EncodeTimeline", "Route", "RowSink"]
+__all__ = ["EncodeTimeline", "Route", "RowSink", "coalesced"]

@@ -240,18 +240,16 @@ def read_embeddings(uri: str, dt: str | None = None, *, endpoint: str | None = N
         FileNotFoundError: no snapshot at ``uri`` or no such ``dt``.
     """
     snap = snapshot_files(uri, dt, endpoint=endpoint)
-    if not snap.files:
-        if snap.manifest is not None:
-            import pyarrow as pa
-
-            from vlm2rec_ray.embed.schema import output_schema
-
-            schema = output_schema(snap.manifest["kind"], int(snap.manifest["schema"]["embedding_dim"]))
-            if columns:
-                schema = pa.schema([schema.field(c) for c in columns])
-            return schema.empty_table()
+    if snap.files:
+        return _read_files(snap.files, endpoint=endpoint, columns=columns)
+    if snap.manifest is None:
         raise FileNotFoundError(f"snapshot dt={snap.dt} under {uri} lists no files")
-    return _read_files(snap.files, endpoint=endpoint, columns=columns)
+    import pyarrow as pa
+
+    from vlm2rec_ray.embed.schema import output_schema
+
+    schema = output_schema(snap.manifest["kind"], int(snap.manifest["schema"]["embedding_dim"]))
+    return pa.schema([schema.field(c) for c in columns or schema.names]).empty_table()
 
 
 def read_errors(uri: str, dt: str | None = None, *, endpoint: str | None = None) -> pa.Table:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 import ray.data
@@ -30,10 +30,7 @@ from vlm2rec_ray.embed.schema import (
     output_table,
     row_schema,
 )
-from vlm2rec_ray.embed.sink import Route, RowSink
-
-if TYPE_CHECKING:
-    import pyarrow as pa
+from vlm2rec_ray.embed.sink import Route, RowSink, coalesced
 
 WRITE_CPUS = 0.25  # write and coalescing tasks are I/O bound; keep CPUs for fetch/decode and the model actors
 MIN_WRITE_BLOCK_BYTES = 1 << 20  # rows reach the sinks in blocks of at least this size (see write)
@@ -53,11 +50,6 @@ def snapshot_sink(plan: RunPlan) -> RowSink:
                         partial(errors_table, kind=kind, model_version=c.model_version, failed_at=failed_at))})
 
 
-def _coalesced(batch: pa.Table) -> pa.Table:
-    """Identity: Ray Data hands it ``batch_size`` rows bundled from small blocks, and it returns them as one block."""
-    return batch
-
-
 def write(ds: ray.data.Dataset, sink: Any, *, row_bytes: int, tasks: int = COALESCE_TASKS) -> None:
     """Write ``ds`` through ``sink`` in blocks of at least :data:`MIN_WRITE_BLOCK_BYTES` (at most one write task's
     rows, ``sink.min_rows_per_write``).
@@ -72,7 +64,7 @@ def write(ds: ray.data.Dataset, sink: Any, *, row_bytes: int, tasks: int = COALE
     rows = max(1, MIN_WRITE_BLOCK_BYTES // max(1, row_bytes))
     if sink.min_rows_per_write:  # never hold rows back for more than one write task's worth (a small rows_per_file)
         rows = min(rows, int(sink.min_rows_per_write))
-    (ds.map_batches(_coalesced, batch_size=rows, batch_format="pyarrow", num_cpus=WRITE_CPUS,
+    (ds.map_batches(coalesced, batch_size=rows, batch_format="pyarrow", num_cpus=WRITE_CPUS,
                     compute=ray.data.TaskPoolStrategy(size=tasks))
      .write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS}))
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from vlm2rec_ray.storage.base import Backend, StorageError, arrow_errors, backend, is_remote, join, scheme
-from vlm2rec_ray.storage.local import local_errors, resolve_local
+from vlm2rec_ray.storage.local import resolve_local
 from vlm2rec_ray.storage.s3 import endpoint_url, s3_client
 
 if TYPE_CHECKING:
@@ -172,7 +172,7 @@ def redact(text: str) -> str:
 
 
 __all__ = ["Backend", "StorageError", "absolute", "backend", "check_uri", "delete", "delete_prefix",
-           "download_prefix", "endpoint_url", "exists", "is_remote", "is_under", "join", "list_uris", "local_errors",
+           "download_prefix", "endpoint_url", "exists", "is_remote", "is_under", "join", "list_uris",
            "open_parquet", "open_read", "put_file", "pyarrow_filesystem", "read_bytes", "read_parquet", "read_text",
            "redact", "resolve_local", "s3_client", "scheme", "upload_dir", "write_bytes",
            "write_parquet", "write_text"]

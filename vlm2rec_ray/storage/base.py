@@ -36,7 +36,7 @@ class StorageError(RuntimeError):
 
 @contextlib.contextmanager
 def arrow_errors(uri: str) -> Iterator[None]:
-    """pyarrow's (and the OS's) I/O errors as :class:`StorageError` with a reason."""
+    """pyarrow's and the OS's I/O errors as :class:`StorageError` with a reason (``missing``, ``denied``, ...)."""
     try:
         yield
     except StorageError:

@@ -3,15 +3,13 @@ target renamed into place (atomic: a reader never sees a partial file)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vlm2rec_ray.storage.base import Backend, StorageError
+from vlm2rec_ray.storage.base import Backend, arrow_errors
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -32,17 +30,6 @@ def resolve_local(path: str | os.PathLike[str], root: str | os.PathLike[str] | N
         raise ValueError(f"path {str(path)!r} resolves to {str(full)!r}, outside the allowed root {str(root_p)!r}; "
                          "use a path inside the root (no '..')")
     return full
-
-
-@contextlib.contextmanager
-def local_errors(path: str | os.PathLike[str]) -> Iterator[None]:
-    """Local file errors as :class:`StorageError`: ``missing`` (no such file, or a directory) or ``denied``."""
-    try:
-        yield
-    except (FileNotFoundError, IsADirectoryError) as e:
-        raise StorageError(f"no such file: {path}", reason="missing") from e
-    except PermissionError as e:
-        raise StorageError(f"permission denied: {path}", reason="denied") from e
 
 
 def temp_beside(dest: Path) -> Path:
@@ -77,7 +64,7 @@ class LocalBackend(Backend):
     def upload(self, path: str, uri: str) -> None:
         tmp = temp_beside(resolve_local(uri))
         try:
-            with local_errors(path):
+            with arrow_errors(path):
                 shutil.copyfile(path, tmp)
             os.replace(tmp, resolve_local(uri))
         finally:

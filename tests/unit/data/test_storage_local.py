@@ -1,4 +1,4 @@
-"""storage.py on local paths: read/write/list/exists/delete, root confinement, Parquet helpers."""
+"""The storage layer on local paths (the local backend): read/write/list/exists/delete, root confinement, Parquet helpers."""
 
 from __future__ import annotations
 
