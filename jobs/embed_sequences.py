@@ -16,9 +16,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vlm2rec_ray.embed.job import main as embed_main
+    from vlm2rec_ray.runner import main as run
 
-    return embed_main("sequences", argv, description=__doc__.splitlines()[0])
+    return run("embed-sequences", argv, description=__doc__)
 
 
 if __name__ == "__main__":

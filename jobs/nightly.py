@@ -10,27 +10,13 @@ Exit codes: 0 every step published; 1 a step failed (summary printed and written
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="NightlyConfig YAML")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. embed.dt=2026-11-22 sequences=false")
-    args = parser.parse_args(argv)
+    from vlm2rec_ray.runner import main as run
 
-    from vlm2rec_ray.config import ConfigError, load_config
-    from vlm2rec_ray.nightly import NightlyConfig, format_nightly, run_nightly
-
-    try:
-        cfg = load_config(NightlyConfig, args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    out = run_nightly(cfg, progress=lambda m: print(m, file=sys.stderr, flush=True))
-    print(format_nightly(out))
-    return 0 if out["ok"] else 1
+    return run("nightly", argv, description=__doc__)
 
 
 if __name__ == "__main__":

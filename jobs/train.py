@@ -9,35 +9,18 @@ Run locally (starts a private Ray instance) or on a cluster (joins the one in RA
 
 Arguments after the flags are dotted ``key=value`` overrides of :class:`vlm2rec_ray.config.TrainJobConfig`.
 Re-running the same command resumes from the run's latest checkpoint.
+Exit codes: 0 done; 1 the job failed (one line on stderr, nothing published); 2 bad config.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="TrainJobConfig YAML")
-    parser.add_argument("--address", default=None, help="Ray cluster to join (auto, ray://host:10001); default "
-                        "RAY_ADDRESS, else a private local instance")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.zero_stage=3")
-    args = parser.parse_args(argv)
+    from vlm2rec_ray.runner import main as run
 
-    from vlm2rec_ray.config import ConfigError, TrainJobConfig, load_config
-    from vlm2rec_ray.train.trainer import run_training
-
-    try:
-        cfg = load_config(TrainJobConfig, args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    summary = run_training(cfg, progress=lambda m: print(m, file=sys.stderr), ray_address=args.address)
-    keys = ("global_step", "resumes", "final_metrics", "export_max_abs_diff", "output_uri")
-    print(json.dumps({k: summary.get(k) for k in keys}, indent=2, default=str))
-    return 0
+    return run("train", argv, description=__doc__)
 
 
 if __name__ == "__main__":

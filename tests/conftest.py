@@ -109,7 +109,8 @@ def ray_local():
 
     from vlm2rec_ray.runtime import init_local_ray
 
-    init_local_ray(num_cpus=2)
+    # Workers export metrics (the S3 retry counter) every second, not every 10 s: tests read them soon after a run.
+    init_local_ray(num_cpus=2, _system_config={"metrics_report_interval_ms": 1000})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

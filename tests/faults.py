@@ -26,6 +26,8 @@ class FaultPlan:
     slowdown_share: float = 0.2  # share of the errors that are 503 SlowDown (the rest 500 InternalError)
     seed: int = 0
     counts: dict[str, int] = field(default_factory=lambda: {"forwarded": 0, "error": 0, "drop": 0, "slow": 0})
+    # errors + drops by the client that met them: "boto3" (botocore's User-Agent) or "other" (pyarrow's AWS SDK)
+    faults_by_client: dict[str, int] = field(default_factory=lambda: {"boto3": 0, "other": 0})
 
 
 class FaultProxy:
@@ -47,6 +49,10 @@ class FaultProxy:
             def _handle(self) -> None:
                 body = self._read_body()
                 fate = proxy._fate()
+                if fate in ("error", "drop"):
+                    agent = self.headers.get("User-Agent") or ""
+                    with proxy._lock:
+                        proxy.plan.faults_by_client["boto3" if "Botocore" in agent else "other"] += 1
                 if fate == "drop":
                     self.close_connection = True
                     try:

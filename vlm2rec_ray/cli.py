@@ -215,44 +215,24 @@ def train(
                                 "RAY_ADDRESS, else a private local instance"),
 ) -> None:
     """Fine-tune with Ray Train + DeepSpeed and export the model; re-running the same command resumes."""
-    import json
+    from vlm2rec_ray.runner import run_job
 
-    from vlm2rec_ray.config import ConfigError, TrainJobConfig, load_config
-    from vlm2rec_ray.storage import StorageError
-    from vlm2rec_ray.train.trainer import run_training
-
-    try:
-        cfg = load_config(TrainJobConfig, config, list(args or []))
-        summary = run_training(cfg, progress=lambda m: typer.echo(m, err=True), ray_address=address)
-    except ConfigError as e:
-        fail(str(e))
-    except (FileNotFoundError, ValueError, StorageError) as e:
-        fail(str(e), code=1)
-    keys = ("global_step", "resumes", "final_metrics", "export_max_abs_diff", "output_uri")
-    typer.echo(json.dumps({k: summary.get(k) for k in keys}, indent=2, default=str))
+    raise typer.Exit(run_job("train", config, list(args or []), address=address))
 
 
 # --- embed ------------------------------------------------------------------------------------------------
 
 
 def _embed(kind: str, config: str | None, args: list[str] | None, endpoint: str | None) -> None:
-    """Load an EmbedJobConfig, run the embed job of ``kind`` and print its summary (exit 1 if it failed)."""
-    from vlm2rec_ray.config import ConfigError, EmbedJobConfig, load_config
-    from vlm2rec_ray.embed import EmbedFailureError, format_summary, run_embed_items, run_embed_sequences
-    from vlm2rec_ray.storage import StorageError
+    """Run the embed job of ``kind`` through the shared runner (exit 1 if it failed, 2 for a bad config)."""
+    from vlm2rec_ray.runner import run_job
 
-    run = run_embed_items if kind == "items" else run_embed_sequences
-    try:
-        cfg = load_config(EmbedJobConfig, config, list(args or []) + ([f"endpoint_url={endpoint}"] if endpoint else []))
-        summary = run(cfg, progress=lambda m: typer.echo(m, err=True))
-    except ConfigError as e:
-        fail(str(e))
-    except EmbedFailureError as e:
-        typer.echo(format_summary(e.summary))
-        fail(str(e), code=1)
-    except (FileNotFoundError, ValueError, StorageError) as e:
-        fail(str(e), code=1)
-    typer.echo(format_summary(summary))
+    raise typer.Exit(run_job(f"embed-{kind}", config, list(args or []) + _endpoint(endpoint)))
+
+
+def _endpoint(endpoint: str | None) -> list[str]:
+    """``--endpoint`` as the override of the one storage section every job shares."""
+    return [f"storage.endpoint_url={endpoint}"] if endpoint else []
 
 
 _EMBED_ARGS_HELP = "key=value overrides of the config (e.g. model_version=v2 dt=2026-11-22 incremental=true)"
@@ -304,7 +284,6 @@ def evaluate(
     endpoint: str = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
 ) -> None:
     """Task 1, modality dropout, geometry, Task 2 and a report for one run; or --compare several runs."""
-    from vlm2rec_ray.config import ConfigError, EvalJobConfig, load_config
     from vlm2rec_ray.eval.compare import compare_runs, load_result
     from vlm2rec_ray.storage import StorageError
 
@@ -333,19 +312,9 @@ def evaluate(
         return
     if details or report:
         fail("--details and --report go with --compare; a single run writes its report to output_uri")
-    from vlm2rec_ray.eval.runner import run_evaluation
+    from vlm2rec_ray.runner import run_job
 
-    try:
-        cfg = load_config(EvalJobConfig, config, args + ([f"storage.endpoint_url={endpoint}"] if endpoint else []))
-        result = run_evaluation(cfg, progress=lambda m: typer.echo(m, err=True))
-    except ConfigError as e:
-        fail(str(e))
-    except (FileNotFoundError, ValueError, StorageError) as e:
-        fail(str(e), code=1)
-    typer.echo(compare_runs([result], details=True))
-    if "report" in result:
-        typer.echo(f"report: {result['report']['html']}")
-    typer.echo(f"wrote {cfg.output_uri}/eval.json")
+    raise typer.Exit(run_job("evaluate", config, args + _endpoint(endpoint)))
 
 
 @app.command()
@@ -378,20 +347,21 @@ def demo(
 
     Re-running skips finished steps (same settings); fresh=true redoes everything.
     """
-    from vlm2rec_ray.config import ConfigError, load_config
-    from vlm2rec_ray.demo import DEFAULT_CONFIG, DemoConfig, run_demo
-    from vlm2rec_ray.embed import EmbedFailureError
-    from vlm2rec_ray.storage import StorageError
+    from vlm2rec_ray.demo import DEFAULT_CONFIG
+    from vlm2rec_ray.runner import run_job
 
-    try:
-        cfg = load_config(DemoConfig, config or str(DEFAULT_CONFIG), list(args or []))
-        out = run_demo(cfg, progress=lambda m: typer.echo(m, err=True))
-    except ConfigError as e:
-        fail(str(e))
-    except (EmbedFailureError, FileNotFoundError, ValueError, StorageError) as e:
-        fail(str(e), code=1)
-    typer.echo("\n" + out["table"])
-    typer.echo(f"\ndemo finished in {out['wall_s'] / 60:.1f} min; report: {out['report']}")
+    raise typer.Exit(run_job("demo", config or str(DEFAULT_CONFIG), list(args or [])))
+
+
+@app.command()
+def nightly(
+    args: list[str] = typer.Argument(None, help="key=value overrides (e.g. embed.dt=2026-11-22 sequences=false)"),
+    config: str = typer.Option(None, "--config", "-c", help="NightlyConfig YAML (e.g. jobs/configs/nightly.yaml)"),
+) -> None:
+    """Re-embed the catalog (incremental) then the user sequences; exit 1 if any step failed."""
+    from vlm2rec_ray.runner import run_job
+
+    raise typer.Exit(run_job("nightly", config, list(args or [])))
 
 
 def main() -> None:  # pragma: no cover - console entry

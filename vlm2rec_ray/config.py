@@ -33,15 +33,14 @@ class _Part(BaseModel):
 class ModelConfig(_Part):
     """Which backbone, and how inputs are shaped for it."""
 
-    name: str = Field(description="hub id, local save_pretrained dir, or s3:// prefix")
-    family: Literal["auto", "qwen2_5_vl", "qwen2_vl"] = "auto"
+    name: str = Field(description="hub id, local save_pretrained dir, or object-store prefix (s3://...); the "
+                      "backbone family (Qwen2.5-VL, Qwen2-VL) is read from its config.json")
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     attn_implementation: str | None = None
     min_pixels: int = Field(56 * 56, gt=0, description="image resize lower bound (pixels)")
     max_pixels: int = Field(224 * 224, gt=0, description="image resize upper bound (pixels)")
     max_history: int = Field(10, ge=1, le=64, description="history items per sequence (latest kept)")
     fusion: Literal["external", "internal"] = "external"
-    endpoint_url: str | None = None
 
     @model_validator(mode="after")
     def _pixels(self) -> ModelConfig:
@@ -72,6 +71,8 @@ class LoraConfig(_Part):
         return v
 
 
+#: The built-in variants; ``objective.variant`` is checked against the registry itself
+#: (:data:`vlm2rec_ray.objectives.OBJECTIVES`), which :func:`~vlm2rec_ray.objectives.register_objective` extends.
 OBJECTIVE_VARIANTS = ("sft", "vlm2rec", "wpcl", "no_stop_grad", "no_penalty", "no_crtr", "vlm2rec_teacher")
 
 
@@ -84,7 +85,7 @@ class ObjectiveConfig(_Part):
     one-way, each row's stronger modality a stop-gradient teacher).
     """
 
-    variant: Literal["sft", "vlm2rec", "wpcl", "no_stop_grad", "no_penalty", "no_crtr", "vlm2rec_teacher"] = "vlm2rec"
+    variant: str = Field("vlm2rec", description="a registered objective (vlm2rec_ray.objectives.OBJECTIVES)")
     tau_wpcl: float = Field(0.1, gt=0.0, description="InfoNCE/WPCL temperature; paper grid {0.05,0.1,0.5,1}")
     tau_crtr: float = Field(0.1, gt=0.0, description="CRTR temperature; paper grid {0.001,0.01,0.1,1}")
     lam: float = Field(0.5, ge=0.0, description="CRTR weight lambda; paper grid {0.1,0.5,1}")
@@ -94,6 +95,16 @@ class ObjectiveConfig(_Part):
     beta_min: float = Field(0.05, ge=0.0, description="floor on beta so the penalty cannot vanish")
     gather_negatives: bool = Field(True, description="gather in-batch negatives across workers")
     num_sampled_negatives: int = Field(0, ge=0, description="extra random catalog negatives per batch")
+
+    @field_validator("variant")
+    @classmethod
+    def _variant(cls, v: str) -> str:
+        from vlm2rec_ray.objectives import OBJECTIVES
+
+        if v not in OBJECTIVES:
+            raise ValueError(f"objective.variant={v!r} is not a registered objective; choose one of "
+                             f"{sorted(OBJECTIVES)} or register it first (vlm2rec_ray.objectives.register_objective)")
+        return v
 
     @model_validator(mode="after")
     def _penalty(self) -> ObjectiveConfig:
@@ -106,8 +117,51 @@ class ObjectiveConfig(_Part):
 
 
 class StorageConfig(_Part):
-    endpoint_url: str | None = Field(None, description="S3 endpoint; default AWS_ENDPOINT_URL / AWS")
-    allowed_roots: list[str] = Field(default_factory=list, description="image_uri prefixes allowed; [] = any")
+    """The ``storage:`` section every job shares: which endpoint, and where a job may read images from."""
+
+    endpoint_url: str | None = Field(None, description="object store endpoint (S3-compatible: MinIO, moto); "
+                                     "default AWS_ENDPOINT_URL / AWS")
+    allowed_roots: list[str] = Field(default_factory=list, description="where image_uri may point: store prefixes "
+                                     "(s3://bucket/images/), local dirs, http(s)://host/path; [] = only the "
+                                     "dataset's (catalog's) own prefix. http(s) URLs need an http(s) root here")
+    allow_private_addresses: bool = Field(False, description="let http(s) image hosts on loopback, private or "
+                                          "link-local addresses through (tests, on-prem mirrors); keep false on "
+                                          "cloud nodes (cloud metadata lives at 169.254.169.254)")
+
+    @field_validator("allowed_roots")
+    @classmethod
+    def _roots(cls, v: list[str]) -> list[str]:
+        if any(not r.strip() for r in v):
+            raise ValueError(f"allowed_roots={v} holds an empty entry; list prefixes like s3://bucket/images/")
+        return v
+
+
+def _legacy_storage(data: Any, moves: dict[str, str]) -> Any:
+    """Move settings of the old layout (``endpoint_url`` in four sections, ``allowed_roots`` in two) into the one
+    ``storage`` section; the same setting given twice with different values is an error naming both."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    store = dict(data.get("storage") or {})
+    for old, new in moves.items():
+        section, _, key = old.rpartition(".")
+        holder = data if not section else data.get(section)
+        if not isinstance(holder, dict) or key not in holder:
+            continue
+        if section:
+            holder = data[section] = dict(holder)
+        value = holder.pop(key)
+        if value is None or value == []:
+            continue
+        if store.get(new) not in (None, [], value):
+            raise ValueError(f"{old}={value!r} conflicts with storage.{new}={store[new]!r}; set it once, in "
+                             f"storage.{new}")
+        store[new] = value
+    data["storage"] = store
+    return data
+
+
+_MODEL_ENDPOINT = {"model.endpoint_url": "endpoint_url"}
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -203,11 +257,15 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
 
 
 def _check_output_uri(v: str, *, example: str) -> str:
-    """A job's ``output_uri``: non-empty, and an s3:// URI names a bucket."""
+    """A job's ``output_uri``: non-empty, of a store a backend handles, well formed (an S3 URI names a bucket)."""
+    from vlm2rec_ray import storage
+
     if not v.strip():
         raise ValueError(f"output_uri is empty; give a local dir or s3:// prefix, e.g. output_uri={example}")
-    if v.startswith("s3://") and len(v[5:].split("/", 1)[0]) < 3:
-        raise ValueError(f"output_uri={v!r} has no valid bucket; write s3://<bucket>/<prefix>")
+    try:
+        storage.check_uri(v)
+    except ValueError as e:
+        raise ValueError(f"output_uri={v!r} is not a valid location ({e}); write e.g. output_uri={example}") from None
     return v
 
 
@@ -344,14 +402,19 @@ class EmbedJobConfig(_Part):
     cache_mib: int = Field(256, ge=0, description="per-actor LRU cache of embeddings by content, per modality "
                            "(identical titles/images are encoded once); 0 = dedup within a batch only")
     progress: bool = Field(True, description="Ray Data progress bars")
-    endpoint_url: str | None = Field(None, description="S3 endpoint for data and output; default AWS_ENDPOINT_URL")
-    allowed_roots: list[str] = Field(default_factory=list, description="image_uri prefixes allowed; [] = any")
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     max_title_chars: int = Field(2000, ge=1, description="titles are cut to this many characters before "
                                  "tokenizing (a 100 KB title is ~75k tokens: ~45 s of one CPU core per forward "
                                  "with the 0.2M test model, and attention cost grows with its square)")
     inject_actor_exit_after_batches: int | None = Field(
         None, ge=1, description="testing only: a model actor exits hard (os._exit) once per run, after this many "
         "batches, to exercise actor restarts (Ray Data restarts it and retries the batch); leave unset")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_storage_section(cls, data: Any) -> Any:
+        return _legacy_storage(data, {**_MODEL_ENDPOINT, "endpoint_url": "endpoint_url",
+                                      "allowed_roots": "allowed_roots"})
 
     @field_validator("model_version", "dt", mode="before")
     @classmethod
@@ -399,24 +462,12 @@ class EmbedJobConfig(_Part):
                              "or whole GPUs; set e.g. gpus_per_actor=0.5, 1 or 2")
         return v
 
-    @field_validator("allowed_roots")
-    @classmethod
-    def _roots(cls, v: list[str]) -> list[str]:
-        if any(not r.strip() for r in v):
-            raise ValueError(f"allowed_roots={v} holds an empty entry; list prefixes like s3://bucket/images/")
-        return v
-
     @model_validator(mode="after")
     def _inputs(self) -> EmbedJobConfig:
         if self.catalog_uri is None and self.dataset_uri is None:
             raise ValueError("neither catalog_uri nor dataset_uri is set; set catalog_uri=<catalog file or prefix> "
                              "(items) or dataset_uri=<prepared dataset> (items and sequences)")
         return self
-
-    @property
-    def data_endpoint(self) -> str | None:
-        """The S3 endpoint for catalog, images and output (falls back to the model's)."""
-        return self.endpoint_url or self.model.endpoint_url
 
 
 # --- train (train/) ---------------------------------------------------------------------------------------
@@ -428,9 +479,6 @@ class TrainDataConfig(_Part):
 
     dataset_uri: str = Field(description="prepared dataset (local dir or s3:// prefix) with catalog.parquet and splits/")
     split: Literal["train", "valid"] = Field("train", description="split whose (history, target) rows are trained on")
-    endpoint_url: str | None = Field(None, description="S3 endpoint for dataset, images and output; default "
-                                     "AWS_ENDPOINT_URL (or model.endpoint_url)")
-    allowed_roots: list[str] = Field(default_factory=list, description="image_uri prefixes allowed; [] = any")
     few_shot_users: int | None = Field(None, ge=1, description="train on K sampled users only (the paper's few-shot "
                                        "setting); null = all users")
     max_rows: int | None = Field(None, ge=1, description="cap on training rows after few-shot sampling (smoke runs)")
@@ -531,6 +579,13 @@ class TrainJobConfig(_Part):
                                      "default <output_uri>/checkpoints")
     run_name: str = Field("train", description="Ray Train run name; the same name + storage_path resumes")
     max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint; -1 = unlimited")
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_storage_section(cls, data: Any) -> Any:
+        return _legacy_storage(data, {**_MODEL_ENDPOINT, "data.endpoint_url": "endpoint_url",
+                                      "data.allowed_roots": "allowed_roots"})
 
     @field_validator("output_uri")
     @classmethod
@@ -585,11 +640,6 @@ class TrainJobConfig(_Part):
             return "bf16" if self.scaling.use_gpu else "fp32"
         return self.train.precision
 
-    @property
-    def data_endpoint(self) -> str | None:
-        """The S3 endpoint for dataset, images and output (falls back to the model's)."""
-        return self.data.endpoint_url or self.model.endpoint_url
-
     def with_absolute_paths(self, base: str | Path | None = None) -> TrainJobConfig:
         """A copy whose local paths (``model.name`` when it names an existing directory or starts with ``/``,
         ``./``, ``../`` or ``~``; ``data.dataset_uri``, ``output_uri``, ``storage_path``) are absolute.
@@ -601,17 +651,19 @@ class TrainJobConfig(_Part):
         Args:
             base: directory relative paths are taken from (default: the current working directory).
         """
+        from vlm2rec_ray import storage
+
         root = Path(base) if base is not None else Path.cwd()
 
         def absolute(uri: str) -> str:
-            if "://" in uri and not uri.startswith("file://"):
+            if storage.is_remote(uri):
                 return uri
             p = Path(uri.removeprefix("file://")).expanduser()
             return str(p if p.is_absolute() else (root / p).resolve())
 
         name = self.model.name
         local_model = (name.startswith(("/", "./", "../", "~", "file://")) or (root / name).exists()) \
-            and "://" not in name.removeprefix("file://")
+            and not storage.is_remote(name)
         # model_copy keeps which settings were given explicitly (the full_finetune/lora check reads that).
         update: dict[str, Any] = {
             "model": self.model.model_copy(update={"name": absolute(name)}) if local_model else self.model,
@@ -625,7 +677,6 @@ class TrainJobConfig(_Part):
     @property
     def resolved_storage_path(self) -> str:
         """Ray Train's storage path: ``storage_path`` or ``<output_uri>/checkpoints`` (local paths made absolute)."""
-        path = self.storage_path or f"{self.output_uri.rstrip('/')}/checkpoints"
-        if path.startswith("s3://"):
-            return path
-        return str(Path(path).expanduser().resolve())
+        from vlm2rec_ray import storage
+
+        return storage.absolute(self.storage_path or f"{self.output_uri.rstrip('/')}/checkpoints")

@@ -70,7 +70,7 @@ def run_nightly(cfg: NightlyConfig, *, progress: Callable[[str], None] = print) 
            "wall_s": round(time.time() - started, 1), "model_version": cfg.embed.model_version}
     uri = storage.join(cfg.embed.output_uri, "nightly", f"dt={day}", "summary.json")
     storage.write_text(uri, json.dumps(out, indent=2, sort_keys=True, default=str) + "\n",
-                       endpoint=cfg.embed.data_endpoint)
+                       endpoint=cfg.embed.storage.endpoint_url)
     out["summary_uri"] = uri
     return out
 

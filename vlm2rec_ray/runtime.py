@@ -52,6 +52,51 @@ def _default_accelerator() -> str:
         return "cpu"
 
 
+def connect_ray(address: str | None = None) -> None:
+    """Use the running Ray (a job on a cluster, a test fixture), else join ``address`` (``auto``: the one ``ray
+    start`` runs on this machine, or ``ray://host:10001``; default ``RAY_ADDRESS``, which ``ray job submit`` sets
+    for the job's driver), else start a private local instance (loopback, temp files under build/)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address)
+    else:
+        init_local_ray()
+
+
+def job_metric(name: str, timeout_s: float = 5.0) -> int | None:
+    """The sum of the Ray Counter ``name`` over every process of this job, as last exported to each node's metrics
+    agent (workers export every ``metrics_report_interval_ms``), except this process's own series; ``None`` when
+    Ray is not running here or no node's metrics endpoint answers. Counters must carry a ``JobId`` tag."""
+    import urllib.request
+
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    if not ray.is_initialized():
+        return None
+    ctx = ray.get_runtime_context()
+    job, me, total, answered = ctx.get_job_id(), ctx.get_worker_id(), 0, False
+    for node in ray.nodes():
+        if not node.get("Alive") or not node.get("MetricsExportPort"):
+            continue
+        url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as r:
+                text = r.read().decode()
+        except OSError:
+            continue
+        answered = True
+        for family in text_string_to_metric_families(text):
+            if family.name.removesuffix("_total") == f"ray_{name}":
+                total += sum(int(s.value) for s in family.samples if s.name.endswith("_total")
+                             and s.labels.get("JobId") == job and s.labels.get("WorkerId") != me)
+    return total if answered else None
+
+
 def init_local_ray(num_cpus: int | None = None, **kwargs: Any) -> Any:
     """Start (or reuse) a private local Ray instance bound to loopback, with the dashboard (Train V2 needs
     its state API)."""

@@ -25,7 +25,7 @@ def test_demo_small_on_s3_and_no_credentials_anywhere(moto_endpoint: str, s3_buc
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("VLM2REC_BUILD_DIR", str(tmp_path))
-    storage._CLIENTS.clear()
+    storage.s3._CLIENTS.clear()
     store = f"s3://{s3_bucket}/demo"
     args = ["demo", f"store={store}", f"endpoint_url={moto_endpoint}", "runs=[VLM_Vanilla, VLM2Rec]",
             "backbone.recipe.steps=4", "backbone.recipe.corpus_items=64", "backbone.recipe.batch_size=8",

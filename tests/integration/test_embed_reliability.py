@@ -2,12 +2,16 @@
 behind the fault-injecting proxy, the tiny offline Qwen2.5-VL, ``jobs/embed_items.py`` in a subprocess.
 
 - object storage faults (500/503, dropped connections, slow answers) on every S3 request of the run: every row
-  written exactly once, every retry counted in the summary (``storage_retries``), exactly one per fault;
+  written exactly once; every retry of the project's boto3 clients counted in the job's Ray metric, exactly one
+  per fault they met (pyarrow's S3 client, which Ray Data reads through, retries uncounted), and the summary's
+  ``storage_retries`` within that;
 - a model actor killed mid-run (``inject_actor_exit_after_batches``): restarted by Ray Data, batch retried,
   no row missing or duplicated;
 - the driver SIGKILLed mid-run: nothing published, the same-day re-run publishes a complete snapshot;
 - hostile rows (corrupt/truncated/empty/bomb/text images, image outside ``allowed_roots``, odd titles) through
   the real items pipeline: every row embedded or in the errors table with a reason;
+- secure defaults: rows pointing outside the dataset (a local file, http://127.0.0.1, a redirect) are
+  ``outside_root`` error rows and nothing is opened or requested;
 - bad catalogs (missing column, duplicate ids) and bad config values: errors naming the column / id / field;
 - Ray and the test servers listen on loopback only.
 
@@ -65,6 +69,22 @@ def _ids(t: pa.Table) -> list[str]:
     return sorted(t.column("item_id").to_pylist())
 
 
+def _settled_job_retries(timeout_s: float = 30.0) -> int:
+    """The job's S3 retry count once every worker's last export reached the metrics agents (stable for 3 s)."""
+    from vlm2rec_ray.storage.retries import job_retries
+
+    last, since, deadline = None, time.time(), time.time() + timeout_s
+    while time.time() < deadline:
+        now = job_retries()
+        if now != last:
+            last, since = now, time.time()
+        elif time.time() - since >= 3:
+            break
+        time.sleep(0.5)
+    assert last is not None, "no metrics endpoint answered"
+    return last
+
+
 def test_storage_faults_every_row_once_and_retries_counted(moto_endpoint: str, ray_local: Any,
                                                            tiny_backbone_dir: Path) -> None:
     from vlm2rec_ray.data.synthetic import generate_synthetic
@@ -76,22 +96,25 @@ def test_storage_faults_every_row_once_and_retries_counted(moto_endpoint: str, r
     catalog_ids = sorted(storage.read_parquet(f"s3://{bucket}/ds/catalog.parquet").column("item_id").to_pylist())
     storage.upload_dir(tiny_backbone_dir, f"s3://{bucket}/model", endpoint=moto_endpoint)
     plan = FaultPlan(error_rate=0.15, drop_rate=0.03, slow_rate=0.03, slow_s=0.1, seed=3)
+    before = _settled_job_retries()
     with FaultProxy(moto_endpoint, plan) as proxy:
         # Everything of the run goes through the proxy: the model's config (driver) and weights (actor), catalog
-        # read, census, image GETs, Parquet writes, manifest.
+        # read (Ray Data, pyarrow), census, image GETs, Parquet uploads, manifest.
         s = run_embed_items(_cfg(tiny_backbone_dir, f"model.name=s3://{bucket}/model", f"dataset_uri=s3://{bucket}/ds",
-                                 f"output_uri=s3://{bucket}/emb", f"endpoint_url={proxy.url}"))
+                                 f"output_uri=s3://{bucket}/emb", f"storage.endpoint_url={proxy.url}"))
+    counted = _settled_job_retries() - before
     text = format_summary(s)
-    print(f"\nfault proxy: {plan.counts}; summary storage_retries={s['storage_retries']}\n{text}")
+    print(f"\nfault proxy: {plan.counts}, by client {plan.faults_by_client}; job metric {counted}, summary "
+          f"storage_retries={s['storage_retries']}\n{text}")
     assert plan.counts["error"] + plan.counts["drop"] >= 5, plan.counts  # the faults really happened
     assert s["input_rows"] == N and s["ok"] == N and s["failed"] == 0, s
-    # Every S3 request of the run goes through storage.py's boto3 clients (Parquet too), which retry each
-    # injected fault exactly once (the proxy fails a request before forwarding it, so a retry never repeats
-    # work; a request out of retries would have failed the run), and every retry is counted: in the driver,
-    # the census task, the model actor's download, the read / fetch / write tasks (in-band, via the
-    # storage_retries column and the sink).
-    assert s["storage_retries"] == plan.counts["error"] + plan.counts["drop"], (s["storage_retries"], plan.counts)
-    assert f"{s['storage_retries']} S3 retries" in text
+    # The project's boto3 clients retry each injected fault once (the proxy fails a request before forwarding it,
+    # so a retry never repeats work; a request out of retries would have failed the run) and count it where it
+    # happens: the driver, the census task, the model actor's download, the fetch and write tasks. The Ray metric
+    # adds them up across the job; the summary read it at the end of the run, before the last exports.
+    assert plan.faults_by_client["boto3"] >= 3 and counted == plan.faults_by_client["boto3"], (counted, plan)
+    assert s["storage_retries"] is not None and 1 <= s["storage_retries"] <= counted
+    assert f"about {s['storage_retries']} S3 retries" in text
     t = read_embeddings(f"s3://{bucket}/emb/items", endpoint=moto_endpoint)  # read back without the proxy
     assert t.num_rows == N and _ids(t) == catalog_ids  # every row exactly once
 
@@ -116,14 +139,17 @@ def test_incremental_run_under_storage_faults_counts_every_retry(moto_endpoint: 
     v2 = cat.set_column(1, "title", pa.array(titles)).set_column(2, "image_uri", pa.array(uris)).slice(0, N - 1)
     storage.write_parquet(v2, f"{ds}/catalog_v2.parquet")  # ... and the last item deleted
     plan = FaultPlan(error_rate=0.15, drop_rate=0.03, slow_rate=0.0, seed=7)
+    before = _settled_job_retries()
     with FaultProxy(moto_endpoint, plan) as proxy:
         s = run_embed_items(_cfg(tiny_backbone_dir, f"catalog_uri={ds}/catalog_v2.parquet", f"output_uri={out}",
-                                 "dt=2026-11-24", "incremental=true", f"endpoint_url={proxy.url}"))
-    print(f"\nfault proxy: {plan.counts}; summary storage_retries={s['storage_retries']}; "
-          f"new={s['new']} changed={s['changed']} unchanged={s['unchanged']} deleted={s['deleted']} failed={s['failed']}")
+                                 "dt=2026-11-24", "incremental=true", f"storage.endpoint_url={proxy.url}"))
+    counted = _settled_job_retries() - before
+    print(f"\nfault proxy: {plan.counts}, by client {plan.faults_by_client}; job metric {counted}, summary "
+          f"storage_retries={s['storage_retries']}; new={s['new']} changed={s['changed']} unchanged={s['unchanged']} "
+          f"deleted={s['deleted']} failed={s['failed']}")
     assert first["ok"] == N and plan.counts["error"] + plan.counts["drop"] >= 5, plan.counts
     assert (s["changed"], s["unchanged"], s["deleted"], s["failed"]) == (1, N - 3, 1, 1), s
-    assert s["storage_retries"] == plan.counts["error"] + plan.counts["drop"], (s["storage_retries"], plan.counts)
+    assert counted == plan.faults_by_client["boto3"] and s["storage_retries"] <= counted, (counted, plan)
     t = read_embeddings(f"{out}/items", endpoint=moto_endpoint)
     assert t.num_rows == N - 2 and len(set(t.column("item_id").to_pylist())) == N - 2
     assert not storage.list_uris(f"{out}/items/dt=2026-11-24/run={s['run_id']}/_staging", endpoint=moto_endpoint)
@@ -268,6 +294,94 @@ def test_hostile_rows_embedded_or_errors_with_reason(local_ds: Path, ray_local: 
         assert k in set(data.column("item_id").to_pylist())
 
 
+class _Recorder:
+    """An HTTP server on 127.0.0.1 that records each request's path; ``/r`` redirects to ``redirect_to``."""
+
+    def __init__(self, redirect_to: str = "", body: bytes = b"") -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                outer.requests.append(self.path)
+                redirect = self.path == "/r"
+                self.send_response(302 if redirect else 200)
+                if redirect:
+                    self.send_header("Location", redirect_to)
+                self.send_header("Content-Length", "0" if redirect else str(len(body)))
+                self.end_headers()
+                if not redirect:
+                    self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_rows_outside_the_dataset_are_errors_and_never_read(local_ds: Path, ray_local: Any, tiny_backbone_dir: Path,
+                                                            tmp_path: Path) -> None:
+    """Default roots: a row pointing at a local file outside the catalog's dataset, at http://127.0.0.1:<port>/ or
+    at a redirect to it is an ``outside_root`` error row, and nothing is opened or requested. With http allowed
+    for one origin, a redirect from it to another host is still refused before the other host sees a request."""
+    import threading
+
+    from vlm2rec_ray.embed import read_embeddings, read_errors, run_embed_items
+
+    good = next((local_ds / "images").glob("*.png")).read_bytes()
+    target = _Recorder(body=good)  # the "internal" host a row or a redirect points at
+    hop = _Recorder(redirect_to=f"{target.url}/secret.png", body=good)
+    fifo = tmp_path / "outside" / "secret.png"  # outside the dataset: opening it for reading would unblock `opened`
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    opened = threading.Event()
+    threading.Thread(target=lambda: (open(fifo, "wb").close(), opened.set()), daemon=True).start()
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "ok.png").write_bytes(good)
+    ids = ["ok", "local-outside", "http-loopback", "http-redirect"]
+    uris = ["images/ok.png", str(fifo), f"{target.url}/secret.png", f"{hop.url}/r"]
+    pq.write_table(pa.table({"item_id": ids, "title": [f"title {i}" for i in ids], "image_uri": uris}),
+                   root / "catalog.parquet")
+    try:
+        s = run_embed_items(_cfg(tiny_backbone_dir, f"dataset_uri={root}", f"output_uri={tmp_path / 'o1'}",
+                                 "max_failure_fraction=1"))
+        errors = read_errors(str(tmp_path / "o1" / "items"))
+        reasons = dict(zip(errors.column("item_id").to_pylist(), errors.column("reason").to_pylist(), strict=True))
+        print(f"\ndefault roots: {reasons}; requests hop={hop.requests} target={target.requests}; "
+              f"fifo opened={opened.is_set()}")
+        assert s["ok"] == 1 and read_embeddings(str(tmp_path / "o1" / "items")).column("item_id").to_pylist() == ["ok"]
+        assert reasons == {"local-outside": "outside_root", "http-loopback": "outside_root",
+                           "http-redirect": "outside_root"}
+        assert hop.requests == [] and target.requests == [] and not opened.is_set()  # nothing was read
+
+        # http allowed for the hop's origin only (and loopback let through, as an on-prem mirror would need):
+        # its images are fetched, its redirect to another host is not followed.
+        pq.write_table(pa.table({"item_id": ["mirror", "redirect"], "title": ["a", "b"],
+                                 "image_uri": [f"{hop.url}/img.png", f"{hop.url}/r"]}), root / "catalog.parquet")
+        s = run_embed_items(_cfg(tiny_backbone_dir, f"dataset_uri={root}", f"output_uri={tmp_path / 'o2'}",
+                                 "max_failure_fraction=1", f'storage.allowed_roots=["{root}", "{hop.url}/"]',
+                                 "storage.allow_private_addresses=true"))
+        errors = read_errors(str(tmp_path / "o2" / "items"))
+        assert s["ok"] == 1 and errors.column("item_id").to_pylist() == ["redirect"]
+        assert errors.column("reason").to_pylist() == ["outside_root"]
+        assert sorted(hop.requests) == ["/img.png", "/r"] and target.requests == []
+    finally:
+        hop.close()
+        target.close()
+        if not opened.is_set():  # release the writer thread
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+
+
 def test_bad_catalogs_name_the_column_and_the_id(local_ds: Path, ray_local: Any, tiny_backbone_dir: Path,
                                                  tmp_path: Path) -> None:
     from vlm2rec_ray.embed import run_embed_items
@@ -294,7 +408,7 @@ def test_bad_catalogs_name_the_column_and_the_id(local_ds: Path, ray_local: Any,
     ("dt=2026-13-01", r"dt='2026-13-01' is not a date YYYY-MM-DD; write e.g. dt=2026-11-22"),
     ('allowed_roots=["s3://b/img/", " "]', r"allowed_roots=.* holds an empty entry; list prefixes like"),
     ("gpus_per_actor=1.5", r"gpus_per_actor=1.5 is not valid: .*set e.g. gpus_per_actor=0.5, 1 or 2"),
-    ("output_uri=s3://x/emb", r"output_uri='s3://x/emb' has no valid bucket; write s3://<bucket>/<prefix>"),
+    ("output_uri=s3://x/emb", r"output_uri='s3://x/emb' is not a valid location \(invalid S3 bucket .*\); write e.g. output_uri=s3://"),
     ("max_title_chars=0", r"max_title_chars: .*greater than or equal to 1 \(got 0\)"),
     ("inject_actor_exit_after_batches=0", r"inject_actor_exit_after_batches: .*greater than or equal to 1"),
 ])

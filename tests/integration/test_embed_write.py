@@ -1,4 +1,4 @@
-"""How the embed pipeline hands rows to its sinks (``pipeline._write``), on a real local Ray: small blocks are
+"""How the embed pipeline hands rows to its sinks (``stages.write``), on a real local Ray: small blocks are
 coalesced by tasks of their own (a fraction of a CPU, not fused into the write), so the write task gets blocks
 of about ``_MIN_WRITE_BLOCK_BYTES``, and a model actor plus fetch tasks holding all but a fraction of the CPUs
 do not stall them.
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from vlm2rec_ray.embed import pipeline
+from vlm2rec_ray.embed import stages as pipeline
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +50,7 @@ def test_small_blocks_are_coalesced_by_their_own_tasks_before_the_write(ray_loca
     ds = _blocks(ray_local, 60, 10)
     sink = _probe_sink(min_rows=10_000)  # one write task for everything, as a file's worth does
     per_block = 100
-    pipeline._write(ds, sink, {"num_cpus": 0.25}, row_bytes=pipeline._MIN_WRITE_BLOCK_BYTES // per_block)
+    pipeline.write(ds, sink, row_bytes=pipeline.MIN_WRITE_BLOCK_BYTES // per_block)
     assert len(sink.result) == 1
     [write] = sink.result
     assert write["task"] == "Write", f"the coalescing was fused into the write task: {write['task']}"
@@ -76,8 +76,7 @@ def test_coalescing_runs_while_other_work_holds_all_but_a_fraction_of_a_cpu(ray_
         assert ray_local.available_resources().get("CPU", 0) <= 0.3, "the holders did not start"
         sink = _probe_sink(min_rows=10_000)
         started = time.monotonic()
-        pipeline._write(ds, sink, {"num_cpus": 0.25},
-                        row_bytes=pipeline._MIN_WRITE_BLOCK_BYTES // 100)
+        pipeline.write(ds, sink, row_bytes=pipeline.MIN_WRITE_BLOCK_BYTES // 100)
         assert time.monotonic() - started < 45  # before the holders let go of the CPUs (60 s)
         assert sum(sum(w["blocks"]) for w in sink.result) == 300
     finally:
@@ -89,8 +88,7 @@ def test_coalescing_stops_at_one_write_tasks_rows(ray_local: Any) -> None:
     """With a small ``rows_per_file`` the coalesced blocks are one write task's rows, not ~1 MiB: rows are not
     held back from a write task that could already run."""
     sink = _probe_sink(min_rows=25)
-    pipeline._write(_blocks(ray_local, 60, 10), sink, {"num_cpus": 0.25},
-                    row_bytes=pipeline._MIN_WRITE_BLOCK_BYTES // 100)
+    pipeline.write(_blocks(ray_local, 60, 10), sink, row_bytes=pipeline.MIN_WRITE_BLOCK_BYTES // 100)
     blocks = [n for w in sink.result for n in w["blocks"]]
     assert sum(blocks) == 600
     assert all(25 <= n < 50 for n in blocks), blocks  # whole 10-row inputs bundled up to >= 25 rows

@@ -1,5 +1,6 @@
-"""A real Ray head on 127.0.0.1 (`ray start --head`), the nightly job submitted with `ray job submit`
-against the moto S3 server, its Parquet output checked, the cluster stopped."""
+"""A real Ray head on 127.0.0.1 (`ray start --head`) with token authentication, as cluster/ deploys it; the
+nightly job submitted with `ray job submit` (the token from the environment, as the README shows) against the
+moto S3 server, its Parquet output checked, the cluster stopped. Without the token the job API refuses."""
 
 from __future__ import annotations
 
@@ -25,11 +26,15 @@ pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
 
 
+TOKEN = uuid.uuid4().hex + uuid.uuid4().hex
+
+
 def _env(moto_endpoint: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # workers and the job driver use this venv
-        RAY_AUTH_MODE="disabled",
+        RAY_AUTH_MODE="token",  # the head, its workers, the job and the CLI: every call carries the token
+        RAY_AUTH_TOKEN=TOKEN,
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
         RAY_USAGE_STATS_ENABLED="0",
         AWS_ENDPOINT_URL=moto_endpoint,
@@ -82,6 +87,13 @@ def test_nightly_job_submitted_to_a_local_head(ray_head, moto_endpoint: str, s3_
     from vlm2rec_ray.data.synthetic import generate_synthetic
 
     address, env = ray_head
+    for mode in ("disabled", "token"):  # no token sent; token auth on but no token at hand
+        anonymous = {**{k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}, "RAY_AUTH_MODE": mode,
+                     "HOME": str(tmp_path)}  # and no ~/.ray/auth_token to fall back on
+        r = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=anonymous,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0, f"the job API answered without the token ({mode}): {r.stdout[-500:]}"
+        print(f"\nwithout the token ({mode}): {(r.stderr or r.stdout).strip().splitlines()[-1][:200]}")
     dataset = f"s3://{s3_bucket}/dataset"
     generate_synthetic(dataset, num_items=40, num_users=24, image_size=32, seed=3, endpoint=moto_endpoint)
     out = f"s3://{s3_bucket}/warehouse"
@@ -105,9 +117,9 @@ def test_nightly_job_submitted_to_a_local_head(ray_head, moto_endpoint: str, s3_
     finally:
         cfg_path.unlink()
     logs = r.stdout[-4000:] + r.stderr[-4000:]
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    assert JobSubmissionClient(address).get_job_status(job_id) == JobStatus.SUCCEEDED, logs
+    status = subprocess.run([str(BIN / "ray"), "job", "status", job_id, "--address", address], env=env,
+                            capture_output=True, text=True, timeout=60)  # the CLI with the token, as users run it
+    assert status.returncode == 0 and f"Job '{job_id}' succeeded" in status.stdout + status.stderr, status.stdout[-1000:]
     assert r.returncode == 0, logs
     assert "nightly dt=2026-11-22: OK" in r.stdout + r.stderr, logs
 

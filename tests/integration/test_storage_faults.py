@@ -18,7 +18,7 @@ def test_reads_and_writes_survive_faults(moto_endpoint: str, s3_bucket: str) -> 
         storage.write_bytes(uri, data, endpoint=moto_endpoint)
     plan = FaultPlan(error_rate=0.15, drop_rate=0.05, slow_rate=0.05, slow_s=0.2, seed=1)
     with FaultProxy(moto_endpoint, plan) as proxy:
-        storage._CLIENTS.clear()  # a client bound to the proxy endpoint
+        storage.s3._CLIENTS.clear()  # a client bound to the proxy endpoint
         for uri, data in payloads.items():
             assert storage.read_bytes(uri, endpoint=proxy.url) == data
         storage.write_bytes(f"s3://{s3_bucket}/obj/new.bin", b"x" * 1000, endpoint=proxy.url)
@@ -28,7 +28,7 @@ def test_reads_and_writes_survive_faults(moto_endpoint: str, s3_bucket: str) -> 
         table = pa.table({"a": list(range(1000))})
         pq.write_table(table, path, filesystem=fs)
         assert pq.read_table(path, filesystem=fs).equals(table)
-    storage._CLIENTS.clear()
+    storage.s3._CLIENTS.clear()
     assert len(listed) == 41
     assert storage.read_bytes(f"s3://{s3_bucket}/obj/new.bin", endpoint=moto_endpoint) == b"x" * 1000
     injected = plan.counts["error"] + plan.counts["drop"]

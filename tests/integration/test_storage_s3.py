@@ -1,4 +1,4 @@
-"""storage.py and the dataset readers against a real S3 HTTP endpoint (moto_server on 127.0.0.1), with a
+"""The storage layer (the S3 backend) and the dataset readers against a real S3 HTTP endpoint (moto_server on 127.0.0.1), with a
 planted missing object and a planted corrupt image reported by reason, never raised."""
 
 from __future__ import annotations
@@ -98,11 +98,11 @@ def test_dataset_on_s3_with_planted_missing_and_corrupt_images(moto_endpoint: st
 
 
 def test_unreachable_endpoint_is_io_error_not_a_crash(s3_bucket: str) -> None:
-    storage._CLIENTS.clear()
+    storage.s3._CLIENTS.clear()
     try:
         data, reason = fetch_image_bytes(f"s3://{s3_bucket}/x.jpg", endpoint="http://127.0.0.1:9")
     finally:
-        storage._CLIENTS.clear()
+        storage.s3._CLIENTS.clear()
     assert (data, reason) == (None, "io_error")
 
 
@@ -110,7 +110,7 @@ def test_credentials_never_logged(moto_endpoint: str, s3_bucket: str, caplog: py
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     secret = "SECRETxyz0123456789abcdef"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-    storage._CLIENTS.clear()
+    storage.s3._CLIENTS.clear()
     caplog.set_level(logging.DEBUG, logger="vlm2rec_ray")
     try:
         storage.write_bytes(f"s3://{s3_bucket}/c.bin", b"1")
@@ -118,5 +118,5 @@ def test_credentials_never_logged(moto_endpoint: str, s3_bucket: str, caplog: py
             storage.read_bytes(f"s3://{s3_bucket}/nothing.bin")
         fetch_image_bytes(f"s3://{s3_bucket}/nothing.jpg")
     finally:
-        storage._CLIENTS.clear()
+        storage.s3._CLIENTS.clear()
     assert secret not in str(e.value) and secret not in caplog.text

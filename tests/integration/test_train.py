@@ -116,7 +116,7 @@ def test_zero3_s3_worker_failure_recovered(ray_local: Any, tiny_backbone_dir: Pa
     out = f"s3://{s3_bucket}/models/z3"
     cfg = load_config(TrainJobConfig, REPO / "jobs" / "configs" / "train_tiny.yaml",
                       [*_overrides(tiny_backbone_dir, synthetic_dir, out, "z3", 3), "max_failures=1",
-                       f"data.endpoint_url={moto_endpoint}"])
+                       f"storage.endpoint_url={moto_endpoint}"])
     summary = run_training(cfg)
     assert summary["checkpoint"].startswith(f"{s3_bucket}/models/z3/checkpoints/z3/")
     rows = _metrics(out, moto_endpoint)

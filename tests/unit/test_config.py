@@ -44,7 +44,7 @@ def test_errors_name_setting_value_and_fix(tmp_path: Path) -> None:
         load_config(ModelConfig, bad)
     with pytest.raises(ConfigError, match=r"not a valid regex"):
         load_config(LoraConfig, None, ["target_modules=(q_proj"])
-    with pytest.raises(ConfigError, match=r"variant: Input should be 'sft'"):
+    with pytest.raises(ConfigError, match=r"variant: objective.variant='magic' is not a registered objective; choose one of \[.*'sft'.*\] or register it"):
         load_config(ObjectiveConfig, None, ["variant=magic"])
 
 
@@ -52,3 +52,37 @@ def test_hash_is_stable() -> None:
     a = ModelConfig(name="x")
     assert config_hash(a) == config_hash(ModelConfig(name="x"))
     assert config_hash(a) != config_hash(ModelConfig(name="y"))
+
+
+def test_one_storage_section_and_the_old_keys_moving_there(tmp_path: Path) -> None:
+    from vlm2rec_ray.config import EmbedJobConfig, TrainJobConfig
+
+    base = ["model.name=m", "model_version=v", f"output_uri={tmp_path}", f"dataset_uri={tmp_path}"]
+    cfg = load_config(EmbedJobConfig, None, [*base, "storage.endpoint_url=http://s3.local",
+                                             'storage.allowed_roots=["s3://b/img/"]'])
+    assert cfg.storage.endpoint_url == "http://s3.local" and cfg.storage.allowed_roots == ["s3://b/img/"]
+    old = load_config(EmbedJobConfig, None, [*base, "model.endpoint_url=http://s3.local", "endpoint_url=http://s3.local",
+                                             'allowed_roots=["s3://b/img/"]'])
+    assert old.storage == cfg.storage  # the old keys (four sections before) land in the one section
+    with pytest.raises(ConfigError, match=r"model.endpoint_url='http://a' conflicts with storage.endpoint_url="
+                                          r"'http://b'; set it once, in storage.endpoint_url"):
+        load_config(EmbedJobConfig, None, [*base, "model.endpoint_url=http://a", "storage.endpoint_url=http://b"])
+    train = load_config(TrainJobConfig, None, ["model.name=m", f"data.dataset_uri={tmp_path}", f"output_uri={tmp_path}",
+                                               "data.endpoint_url=http://s3.local", 'data.allowed_roots=["/imgs"]'])
+    assert train.storage.endpoint_url == "http://s3.local" and train.storage.allowed_roots == ["/imgs"]
+    with pytest.raises(ConfigError, match=r"model.family: unknown setting"):  # never read: removed
+        load_config(EmbedJobConfig, None, [*base, "model.family=qwen2_vl"])
+    with pytest.raises(ConfigError, match=r"output_uri='gs://b/x' is not a valid location \(no storage backend"):
+        load_config(EmbedJobConfig, None, [*base, "output_uri=gs://b/x"])
+
+
+def test_objective_variant_is_checked_against_the_registry() -> None:
+    from vlm2rec_ray.objectives import OBJECTIVES, register_objective
+
+    with pytest.raises(ConfigError, match=r"objective.variant='my_loss' is not a registered objective"):
+        load_config(ObjectiveConfig, None, ["variant=my_loss"])
+    register_objective("my_loss", OBJECTIVES["sft"], uses_penalty=False)
+    try:
+        assert load_config(ObjectiveConfig, None, ["variant=my_loss"]).variant == "my_loss"
+    finally:
+        del OBJECTIVES["my_loss"]

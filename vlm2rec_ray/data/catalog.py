@@ -164,7 +164,8 @@ def read_stats(dataset_uri: str, *, endpoint: str | None = None) -> dict[str, An
     return json.loads(storage.read_text(storage.join(dataset_uri, STATS_FILE), endpoint=endpoint))
 
 
-def _catalog_dir(catalog_uri: str) -> str:
+def catalog_dir(catalog_uri: str) -> str:
+    """The directory or prefix a catalog file lies in (the catalog itself when it is a dataset dir or prefix)."""
     c = catalog_uri.rstrip("/")
     tail = c.rsplit("/", 1)[-1]
     if tail.lower().endswith((".parquet", *_JSON_SUFFIXES)):
@@ -175,19 +176,17 @@ def _catalog_dir(catalog_uri: str) -> str:
 def resolve_image_uri(image_uri: str, catalog_uri: str) -> str:
     """Make a catalog's ``image_uri`` absolute.
 
-    ``s3://``, ``file://``, ``http(s)://`` and absolute paths are returned unchanged; a relative path is
+    URIs with a scheme (``s3://``, ``file://``, ``http(s)://``) and absolute paths are returned unchanged; a relative path is
     taken relative to the directory holding the catalog file (``catalog_uri`` may be that file or the
     dataset directory/prefix). ``..`` segments are kept, so :func:`~vlm2rec_ray.data.images.fetch_image_bytes`
     can report the row as ``outside_root`` instead of reading outside the dataset.
     """
     u = image_uri.strip()
-    if u.startswith(("s3://", "file://", "http://", "https://")) or u.startswith("/"):
+    if "://" in u or u.startswith("/"):
         return u
-    base = _catalog_dir(catalog_uri)
-    if storage.is_s3(base):
+    base = catalog_dir(catalog_uri)
+    if storage.is_remote(base):
         return storage.join(base, u)
-    if base.startswith("file://"):
-        base = base[len("file://") :]
     return posixpath.join(str(storage.resolve_local(base)), u)
 
 

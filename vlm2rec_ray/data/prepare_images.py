@@ -72,7 +72,9 @@ def _copy_one(
     """(item_id, file name or None, reason or None, retries used)."""
     attempt = 0
     while True:
-        data, reason = fetch_image_bytes(uri, endpoint=endpoint, max_bytes=max_bytes, timeout_s=timeout_s)
+        # allowed_roots=None: copying a public dump's images by hand, any URL (the jobs restrict theirs)
+        data, reason = fetch_image_bytes(uri, endpoint=endpoint, max_bytes=max_bytes, timeout_s=timeout_s,
+                                         allowed_roots=None)
         if reason not in _RETRYABLE or attempt >= retries:
             break
         attempt += 1
@@ -173,7 +175,7 @@ def prepare_images(
     ids = catalog.column("item_id").to_pylist()
     uris = catalog.column("image_uri").to_pylist()
     remote = [(i, resolve_image_uri(u, catalog_uri)) for i, u in zip(ids, uris, strict=True)
-              if u and (u.startswith(("http://", "https://", "s3://", "file://")) or u.startswith("/"))]
+              if u and ("://" in u or u.startswith("/"))]
     result = copy_images(remote, storage.join(dataset_uri, "images"), endpoint=endpoint, concurrency=concurrency,
                          retries=retries, max_bytes=max_bytes, timeout_s=timeout_s, progress=progress)
     new_uris = [f"images/{result.uris[i]}" if i in result.uris else u for i, u in zip(ids, uris, strict=True)]

@@ -1,16 +1,13 @@
 """Content hashes and key lookups for nightly incremental embedding.
 
-``content_hash`` is the sha256 (hex) of the encoder fingerprint and the row's inputs: for an item its title
-and the sha256 of its image bytes; for a sequence the titles and image digests of the history items that
-are encoded. The fingerprint covers the model (``model_id``, ``model_version``), the image size bounds, the
-fusion mode, the history length and the prompt instructions, so a new checkpoint or prompt re-embeds
-everything while an unchanged item keeps its hash from night to night.
+``content_hash`` is the sha256 of the encoder fingerprint (model id and version, image bounds, fusion, history
+length, prompts: a new checkpoint or prompt re-embeds everything) and the row's inputs (titles and image
+digests of the items encoded), so an unchanged item keeps its hash from night to night.
 
-Incremental runs compare hashes through :class:`KeyIndex`: two sorted ``uint64`` arrays (64-bit keys of the
-ids and of the content hashes) that live in Ray's object store, so every CPU task on a node reads the same
-zero-copy copy and the driver never holds the previous snapshot. Lookups are ``np.searchsorted``:
-``O(B log N)`` per batch, no hash table rebuilt per task. Ids whose 64-bit keys collide (probability about
-N^2 / 2^65, i.e. 3e-6 for 10M items) are left out of an index, so those rows are simply re-encoded.
+Runs compare hashes through :class:`KeyIndex`: two sorted ``uint64`` arrays (keys of the ids and of the hashes)
+in Ray's object store, read zero-copy by every task on a node (the driver never holds the previous snapshot);
+lookups are ``np.searchsorted``. Ids whose 64-bit keys collide (about 3e-6 for 10M items) are left out of an
+index, so those rows are simply re-encoded.
 """
 
 from __future__ import annotations
@@ -24,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-
     from vlm2rec_ray.config import EmbedJobConfig
 
 HASH_SCHEME = "vlm2rec-content/1"
@@ -35,20 +31,12 @@ def encoder_fingerprint(cfg: EmbedJobConfig, kind: str) -> str:
     """sha256 hex of everything besides the row's inputs that determines its embedding."""
     from vlm2rec_ray.model import prompts
 
-    payload = {
-        "scheme": HASH_SCHEME,
-        "kind": kind,
-        "model_id": cfg.model.name,
-        "model_version": cfg.model_version,
-        "dtype": cfg.model.dtype,
-        "min_pixels": cfg.model.min_pixels,
-        "max_pixels": cfg.model.max_pixels,
-        "fusion": cfg.model.fusion,
-        "max_history": cfg.model.max_history if kind == "sequences" else 1,
-        "max_title_chars": cfg.max_title_chars,
-        "prompts": [prompts.TEXT_SEQUENCE_INSTRUCTION, prompts.IMAGE_SEQUENCE_INSTRUCTION,
-                    prompts.INTERLEAVED_SEQUENCE_INSTRUCTION],
-    }
+    m = cfg.model
+    payload = {"scheme": HASH_SCHEME, "kind": kind, "model_id": m.name, "model_version": cfg.model_version,
+               "dtype": m.dtype, "min_pixels": m.min_pixels, "max_pixels": m.max_pixels, "fusion": m.fusion,
+               "max_history": m.max_history if kind == "sequences" else 1, "max_title_chars": cfg.max_title_chars,
+               "prompts": [prompts.TEXT_SEQUENCE_INSTRUCTION, prompts.IMAGE_SEQUENCE_INSTRUCTION,
+                           prompts.INTERLEAVED_SEQUENCE_INSTRUCTION]}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -61,10 +49,7 @@ def content_hash(fingerprint: str, titles: Sequence[str], digests: Sequence[str]
     """The row's content hash: fingerprint, raw titles and image digests (in history order)."""
     h = hashlib.sha256(fingerprint.encode())
     for title, digest in zip(titles, digests, strict=True):
-        h.update(b"\x00t")
-        h.update(title.encode("utf-8", "surrogatepass"))
-        h.update(b"\x00i")
-        h.update(digest.encode())
+        h.update(b"\x00t" + title.encode("utf-8", "surrogatepass") + b"\x00i" + digest.encode())
     return h.hexdigest()
 
 
@@ -104,20 +89,13 @@ class KeyIndex:
         """From ids and content hashes (strings, or already-computed ``uint64`` keys)."""
         k = ids if isinstance(ids, np.ndarray) else id_keys(ids)
         v = hashes if isinstance(hashes, np.ndarray) else hash_keys(hashes)
-        keep = k != 0
-        k, v = k[keep], v[keep]
-        order = np.argsort(k, kind="stable")
-        k, v = k[order], v[order]
+        order = np.argsort(k[k != 0], kind="stable")
+        k, v = k[k != 0][order], v[k != 0][order]
+        dup = np.zeros(len(k), dtype=bool)  # keys two different ids share: left out (those rows are re-encoded)
         if len(k) > 1:
-            dup = np.zeros(len(k), dtype=bool)
-            same = k[1:] == k[:-1]
-            dup[1:] |= same
-            dup[:-1] |= same
-            collisions = len(np.unique(k[dup])) if dup.any() else 0
-            k, v = k[~dup], v[~dup]
-        else:
-            collisions = 0
-        return cls(np.ascontiguousarray(k), np.ascontiguousarray(v), collisions)
+            dup[1:] |= k[1:] == k[:-1]
+            dup[:-1] |= k[1:] == k[:-1]
+        return cls(np.ascontiguousarray(k[~dup]), np.ascontiguousarray(v[~dup]), len(np.unique(k[dup])))
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -138,54 +116,27 @@ def classify(index: KeyIndex | None, ids: Sequence[str | None], hashes: Sequence
     A row without a hash (it failed) gets ``""``; ``in_prev`` still says whether its id was in the index.
     """
     q = id_keys(ids)
-    if index is None:
-        found = np.zeros(len(q), dtype=bool)
-        prev = np.zeros(len(q), dtype=np.uint64)
-    else:
-        found, prev = index.lookup(q)
-    cur = hash_keys(hashes)
-    out = []
-    for f, p, c, h in zip(found, prev, cur, hashes, strict=True):
-        if h is None:
-            out.append("")
-        elif not f:
-            out.append("new")
-        else:
-            out.append("unchanged" if p == c else "changed")
-    return out, found
+    found, prev = index.lookup(q) if index is not None else (np.zeros(len(q), bool), np.zeros(len(q), np.uint64))
+    return ["" if h is None else "new" if not f else "unchanged" if p == c else "changed"
+            for f, p, c, h in zip(found, prev, hash_keys(hashes), hashes, strict=True)], found
 
 
-def read_key_columns(files: Sequence[str], key: str, *, endpoint: str | None) -> tuple[np.ndarray, np.ndarray, int]:
-    """``(id keys, hash keys, rows)`` of Parquet files' ``key`` and ``content_hash`` columns, streamed by row
-    group (only those two columns are read, through :func:`vlm2rec_ray.storage.open_input_file`, so S3
-    retries are counted in :func:`vlm2rec_ray.storage.retry_attempts`).
+def build_index_from_files(files: Sequence[str], key: str, *, endpoint: str | None) -> KeyIndex:
+    """A :class:`KeyIndex` of Parquet files' ``key`` and ``content_hash`` columns, streamed by row group (run it
+    in a Ray task: the arrays go to the object store).
 
     Raises:
         StorageError: a file is missing or unreadable.
     """
-    import pyarrow.parquet as pq
-
     from vlm2rec_ray import storage
 
-    ks: list[np.ndarray] = []
-    vs: list[np.ndarray] = []
-    rows = 0
+    ks, vs = [np.zeros(0, np.uint64)], [np.zeros(0, np.uint64)]
     for f in files:
-        with storage.open_input_file(f, endpoint=endpoint) as fh:
-            pf = pq.ParquetFile(fh)
+        with storage.open_parquet(f, endpoint=endpoint) as pf:
             for batch in pf.iter_batches(columns=[key, "content_hash"], batch_size=65_536):
-                rows += batch.num_rows
                 ks.append(id_keys(batch.column(key).to_pylist()))
                 vs.append(hash_keys(batch.column("content_hash").to_pylist()))
-    if not ks:
-        return np.zeros(0, np.uint64), np.zeros(0, np.uint64), 0
-    return np.concatenate(ks), np.concatenate(vs), rows
-
-
-def build_index_from_files(files: Sequence[str], key: str, *, endpoint: str | None) -> KeyIndex:
-    """A :class:`KeyIndex` of Parquet files (run this in a Ray task: the arrays go to the object store)."""
-    k, v, _ = read_key_columns(files, key, endpoint=endpoint)
-    return KeyIndex.build(k, v)
+    return KeyIndex.build(np.concatenate(ks), np.concatenate(vs))
 
 
 _RESOLVED: dict[str, Any] = {}
@@ -209,18 +160,5 @@ def resolve_ref(holder: list[Any] | None) -> Any:
     return _RESOLVED[key]
 
 
-__all__ = [
-    "HASH_SCHEME",
-    "KeyIndex",
-    "build_index_from_files",
-    "classify",
-    "content_hash",
-    "encoder_fingerprint",
-    "hash_keys",
-    "id_keys",
-    "image_digest",
-    "image_key",
-    "read_key_columns",
-    "resolve_ref",
-    "text_key",
-]
+__all__ = ["HASH_SCHEME", "KeyIndex", "build_index_from_files", "classify", "content_hash", "encoder_fingerprint",
+           "hash_keys", "id_keys", "image_digest", "image_key", "resolve_ref", "text_key"]

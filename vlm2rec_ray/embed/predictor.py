@@ -1,26 +1,16 @@
 """The model stage: :class:`EmbedPredictor`, a Ray Data actor that holds one copy of the model.
 
-Ray Data calls ``EmbedPredictor(config, kind, dim)`` once per actor (the model loads there, on its GPU(s)
-or CPU) and then ``predictor(batch)`` per batch of encode rows (``pyarrow.Table``, see
-:data:`vlm2rec_ray.embed.preprocess.ENCODE_ROW_SCHEMA`). It returns *sink rows*: ids, the three embeddings
-as ``fixed_size_list<float32, d>`` and small metadata; the pixels never leave the actor.
+Per batch of rows to encode (status ``encode``) it returns them ``encoded``: ``emb_text`` (the titles through
+P_T), ``emb_image`` (the images through P_V) and ``emb_fused`` (their sum, external fusion, paper 2.2-2.3; the
+interleaved prompt's embedding with ``model.fusion: internal``); the pixels never leave the actor.
 
-What the actor computes per row (paper 2.2-2.3): ``emb_text`` = the titles through P_T, ``emb_image`` = the
-images through P_V, ``emb_fused`` = their element-wise sum (external fusion). With ``model.fusion:
-internal`` (the interleaved baseline), ``emb_fused`` is the interleaved prompt's embedding instead.
+Identical inputs are encoded once: rows are deduplicated by ``text_key`` / ``image_key`` within a batch, and
+an LRU cache per actor (``cache_mib``) keeps embeddings across batches (N actors: at most N times per input).
 
-Identical inputs are encoded once: within a batch rows are deduplicated by ``text_key`` / ``image_key``
-(hashes of the cleaned titles and of the image bytes), and an LRU cache per actor (``cache_mib``) keeps
-embeddings across batches. With one actor every distinct title/image of a run is encoded exactly once; with
-N actors at most N times (rows are not routed to actors by content).
-
-Determinism (``deterministic: true``, the default): an embedding must not depend on which rows share its
-batch, but Ray Data does not fix batch composition, and with left padding a row's result depends on the pad
-length (within ~1e-6, not bitwise). So the distinct prompts of a batch are grouped by exact shape (token
-count for text; the processor's resized image grid for images) and each group runs as unpadded
-sub-batches of at most ``batch_size``, in a fixed order. On CPU every row is then bitwise equal to the same
-row encoded alone (checked by tests/unit/embed/test_predictor.py). ``deterministic: false`` runs plain
-left-padded batches (faster on GPU, equal within ~1e-5).
+Determinism (CPU default): Ray Data does not fix batch composition, and with left padding a row's result
+depends on the pad length. So the distinct prompts of a batch are grouped by exact shape (token count; the
+resized image grid) and run as unpadded sub-batches in a fixed order: every row is bitwise equal to the row
+encoded alone (tests/unit/embed/test_predictor.py). ``deterministic: false`` runs plain padded batches (GPU).
 """
 
 from __future__ import annotations
@@ -28,41 +18,18 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 
-from vlm2rec_ray.embed.schema import EMBEDDED_AT_TYPE, HISTORY_TYPE, embedding_type
+from vlm2rec_ray.embed.schema import fixed_size_list, rows
 
 log = logging.getLogger(__name__)
-
-
-def sink_row_schema(dim: int) -> pa.Schema:
-    """Rows the model stage (and the carry-over / failed branches) hand to the snapshot sink."""
-    emb = embedding_type(dim)
-    return pa.schema([
-        ("key", pa.string()),
-        ("history", HISTORY_TYPE),
-        ("emb_text", emb),
-        ("emb_image", emb),
-        ("emb_fused", emb),
-        ("content_hash", pa.string()),
-        ("embedded_at", EMBEDDED_AT_TYPE),
-        ("status", pa.string()),  # "encoded" | "carried" | "failed" | "stats" (counters only: preprocess.stats_row)
-        ("change", pa.string()),  # "new" | "changed" | "unchanged" | ""
-        ("in_prev", pa.bool_()),
-        ("reason", pa.string()),
-        ("detail", pa.string()),
-        ("title", pa.string()),
-        ("image_uri", pa.string()),
-        ("failed_item_id", pa.string()),
-        ("texts_encoded", pa.int32()),  # forwards this row triggered (0 when served by dedup/cache)
-        ("images_encoded", pa.int32()),
-        ("storage_retries", pa.int32()),  # S3 retries carried by the row (see preprocess.ENCODE_ROW_SCHEMA)
-    ])
 
 
 # Bytes an LRU entry costs besides its d floats (the 64-character key string, its OrderedDict slot and slot
@@ -72,13 +39,9 @@ _ENTRY_OVERHEAD = 400
 
 
 class _LRU:
-    """An LRU map from content key to a ``d``-float32 vector, the vectors in one ``[capacity, d]`` slab.
-
-    The slab is allocated once (untouched pages cost nothing until used), so the cached vectors never interleave
-    with the allocations of the batches passing through the actor: a per-vector numpy array each would scatter
-    long-lived small blocks over the heap, which then cannot shrink (the actor's private memory grew ~5 KB per
-    cached item that way, about 10x the entries' own size).
-    """
+    """An LRU map from content key to a ``d``-float32 vector, the vectors in one ``[capacity, d]`` slab allocated
+    once, so they never interleave with the batches' allocations on the heap (a numpy array per vector made the
+    actor's private memory grow ~5 KB per cached item, 10x the entries' own size)."""
 
     def __init__(self, capacity: int, dim: int) -> None:
         self.capacity = max(0, int(capacity))
@@ -100,14 +63,10 @@ class _LRU:
         if not self.capacity:
             return
         slot = self.slots.get(key)
-        if slot is None:
-            if len(self.slots) < self.capacity:
-                slot = len(self.slots)
-            else:
-                _, slot = self.slots.popitem(last=False)  # evict the least recently used; reuse its row
-            self.slots[key] = slot
-        else:
-            self.slots.move_to_end(key)
+        if slot is None:  # the next free row, or the least recently used entry's (evicted)
+            slot = self.slots[key] = len(self.slots) if len(self.slots) < self.capacity else self.slots.popitem(
+                last=False)[1]
+        self.slots.move_to_end(key)
         self.slab[slot] = value  # type: ignore[index]
 
 
@@ -139,29 +98,18 @@ class BatchEncoder:
                  cache_mib: int = 256) -> None:
         import torch
 
-        self.encoder = encoder
-        self.batch_size = batch_size
-        self.deterministic = deterministic
-        self.fusion = fusion
+        self.encoder, self.batch_size, self.deterministic, self.fusion = encoder, batch_size, deterministic, fusion
         self.dim = int(encoder.hidden_size)
         entries = int(cache_mib) * (1 << 20) // (4 * self.dim + _ENTRY_OVERHEAD)
-        self.text_cache, self.image_cache, self.joint_cache = (_LRU(entries, self.dim), _LRU(entries, self.dim),
-                                                                 _LRU(entries, self.dim))
-        self._grid = _image_grid_fn(encoder.processor)
-        self._torch = torch
-
-    # ------------------------------------------------------------------ grouping
+        self.text_cache, self.image_cache, self.joint_cache = (_LRU(entries, self.dim) for _ in range(3))
+        self._grid, self._torch = _image_grid_fn(encoder.processor), torch
 
     def _text_lengths(self, titles: Sequence[Sequence[str]], interleaved: bool = False) -> list[int]:
         from vlm2rec_ray.model import prompts
 
-        proc = self.encoder.processor
-        mh, mt = self.encoder.max_history, self.encoder.max_title_chars
-        if interleaved:
-            contents = [prompts.interleaved_sequence_prompt(list(t)[-mh:], max_title_chars=mt) for t in titles]
-        else:
-            contents = [prompts.text_sequence_prompt(list(t)[-mh:], max_title_chars=mt) for t in titles]
-        texts = [prompts.render_prompt(proc, c) for c in contents]
+        proc, mh, mt = self.encoder.processor, self.encoder.max_history, self.encoder.max_title_chars
+        prompt = prompts.interleaved_sequence_prompt if interleaved else prompts.text_sequence_prompt
+        texts = [prompts.render_prompt(proc, prompt(list(t)[-mh:], max_title_chars=mt)) for t in titles]
         return [len(ids) for ids in proc.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     def _chunks(self, keys: list[str], shapes: list[Any] | None) -> list[list[int]]:
@@ -172,11 +120,8 @@ class BatchEncoder:
         groups: dict[Any, list[int]] = {}
         for i in sorted(order, key=lambda i: keys[i]):
             groups.setdefault(shapes[i], []).append(i)
-        out = []
-        for shape in sorted(groups, key=repr):
-            idx = groups[shape]
-            out += [idx[i:i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
-        return out
+        return [idx[i:i + self.batch_size] for shape in sorted(groups, key=repr) for idx in [groups[shape]]
+                for i in range(0, len(idx), self.batch_size)]
 
     def _run(self, fn: Callable[[list[int]], Any], chunks: list[list[int]]) -> tuple[dict[int, np.ndarray], dict[int, str]]:
         """Run ``fn`` per chunk; a chunk that raises is retried row by row so one bad row fails alone."""
@@ -203,8 +148,6 @@ class BatchEncoder:
         # its slab, cached rows did: the actor grew by ~30 KB per item with the tiny model).
         return np.array(t.detach().float().cpu().numpy(), dtype=np.float32, copy=True)
 
-    # ------------------------------------------------------------------ encode
-
     def encode(self, titles: list[list[str]], images: list[list[Any]], text_keys: list[str], image_keys: list[str]
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int], list[int], dict[int, str]]:
         """Embed ``B`` histories.
@@ -214,144 +157,100 @@ class BatchEncoder:
             per-row counts of text and image forwards this call made on the row's behalf (0 = reused), and
             ``{row: error message}`` for rows the model failed on.
         """
-        torch = self._torch
-        n = len(titles)
-        e_t = np.zeros((n, self.dim), np.float32)
-        e_v = np.zeros((n, self.dim), np.float32)
-        e_f = np.zeros((n, self.dim), np.float32)
+        n, mh, enc = len(titles), self.encoder.max_history, self.encoder
+        e_t, e_v, e_f = (np.zeros((n, self.dim), np.float32) for _ in range(3))
         n_text, n_image = [0] * n, [0] * n
         errors: dict[int, str] = {}
-        with torch.inference_mode():
-            for cache, keys, which in ((self.text_cache, text_keys, "text"), (self.image_cache, image_keys, "image")):
-                fresh: dict[str, np.ndarray] = {}  # this call's results (the cache may be disabled or full)
-                first: dict[str, int] = {}
-                for i, k in enumerate(keys):
-                    if cache.get(k) is None and k not in first:
-                        first[k] = i
-                todo = list(first.values())
-                if todo:
-                    if which == "text":
-                        shapes = self._text_lengths([titles[i] for i in todo]) if self.deterministic else None
-                        fn = lambda c, todo=todo: self._to_numpy(  # noqa: E731
-                            self.encoder.encode_text_sequences([titles[todo[j]] for j in c]))
-                    else:
-                        shapes = ([tuple(self._grid(*im.size) for im in images[i][-self.encoder.max_history:])
-                                   for i in todo] if self.deterministic else None)
-                        fn = lambda c, todo=todo: self._to_numpy(  # noqa: E731
-                            self.encoder.encode_image_sequences([images[todo[j]] for j in c]))
-                    done, errs = self._run(fn, self._chunks([keys[i] for i in todo], shapes))
-                    for j, vec in done.items():
-                        fresh[keys[todo[j]]] = vec  # a row of this chunk's (B, d) output, for this call only
-                        cache.put(keys[todo[j]], vec)  # copied into the cache's slab
-                        (n_text if which == "text" else n_image)[todo[j]] = 1
-                    for j, msg in errs.items():
-                        errors.setdefault(todo[j], f"{which} encode failed: {msg}")
-                for i, k in enumerate(keys):
-                    v = fresh.get(k)
-                    if v is None:
-                        v = cache.get(k)
-                    if v is None:
-                        errors.setdefault(i, f"{which} encode failed for a row with the same input")
-                    else:
-                        (e_t if which == "text" else e_v)[i] = v
-            if self.fusion == "internal":
-                self._encode_joint(titles, images, text_keys, image_keys, e_f, errors)
+
+        def grids(idx: list[int]) -> list[Any]:
+            return [tuple(self._grid(*im.size) for im in images[i][-mh:]) for i in idx]
+
+        with self._torch.inference_mode():
+            self._cached("text", self.text_cache, text_keys, lambda idx: self._text_lengths([titles[i] for i in idx]),
+                         lambda idx: enc.encode_text_sequences([titles[i] for i in idx]), e_t, n_text, errors)
+            self._cached("image", self.image_cache, image_keys, grids,
+                         lambda idx: enc.encode_image_sequences([images[i] for i in idx]), e_v, n_image, errors)
+            if self.fusion == "internal":  # the interleaved baseline: one joint prompt per row
+                self._cached("interleaved", self.joint_cache, [f"{t}:{v}" for t, v in zip(text_keys, image_keys,
+                                                                                          strict=True)],
+                             lambda idx: list(zip(self._text_lengths([titles[i] for i in idx], interleaved=True),
+                                                  grids(idx), strict=True)),
+                             lambda idx: enc.encode_interleaved([titles[i] for i in idx], [images[i] for i in idx]),
+                             e_f, None, errors, skip=set(errors))
             else:
                 np.add(e_t, e_v, out=e_f)  # external fusion (paper 2.3): e = e_T + e_V
         return e_t, e_v, e_f, n_text, n_image, errors
 
-    def _encode_joint(self, titles: list[list[str]], images: list[list[Any]], text_keys: list[str],
-                      image_keys: list[str], out: np.ndarray, errors: dict[int, str]) -> None:
-        keys = [f"{t}:{v}" for t, v in zip(text_keys, image_keys, strict=True)]
-        fresh: dict[str, np.ndarray] = {}
+    def _cached(self, which: str, cache: _LRU, keys: list[str], shapes: Callable[[list[int]], list[Any]],
+                forward: Callable[[list[int]], Any], out: np.ndarray, counts: list[int] | None,
+                errors: dict[int, str], skip: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+        """``out[i]`` for every row: from ``cache``, or one forward per distinct key not cached (chunked by exact
+        shape when deterministic); ``counts[i] = 1`` for the row whose forward it was."""
+        fresh: dict[str, np.ndarray] = {}  # this call's results (the cache may be disabled or full)
         first: dict[str, int] = {}
         for i, k in enumerate(keys):
-            if i not in errors and self.joint_cache.get(k) is None and k not in first:
+            if i not in skip and k not in first and cache.get(k) is None:
                 first[k] = i
         todo = list(first.values())
         if todo:
-            shapes = None
-            if self.deterministic:
-                lens = self._text_lengths([titles[i] for i in todo], interleaved=True)
-                shapes = [(ln, tuple(self._grid(*im.size) for im in images[i][-self.encoder.max_history:]))
-                          for ln, i in zip(lens, todo, strict=True)]
-            done, errs = self._run(lambda c: self._to_numpy(self.encoder.encode_interleaved(
-                [titles[todo[j]] for j in c], [images[todo[j]] for j in c])), self._chunks([keys[i] for i in todo], shapes))
+            done, errs = self._run(lambda c: self._to_numpy(forward([todo[j] for j in c])),
+                                   self._chunks([keys[i] for i in todo], shapes(todo) if self.deterministic else None))
             for j, vec in done.items():
-                fresh[keys[todo[j]]] = vec
-                self.joint_cache.put(keys[todo[j]], vec)
+                fresh[keys[todo[j]]] = vec  # a row of this chunk's (B, d) output, for this call only
+                cache.put(keys[todo[j]], vec)  # copied into the cache's slab
+                if counts is not None:
+                    counts[todo[j]] = 1
             for j, msg in errs.items():
-                errors.setdefault(todo[j], f"interleaved encode failed: {msg}")
+                errors.setdefault(todo[j], f"{which} encode failed: {msg}")
         for i, k in enumerate(keys):
             v = fresh.get(k)
+            v = cache.get(k) if v is None else v
             if v is None:
-                v = self.joint_cache.get(k)
-            if v is not None:
-                out[i] = v
+                errors.setdefault(i, f"{which} encode failed for a row with the same input")
             else:
-                errors.setdefault(i, "interleaved encode failed for a row with the same input")
-
-    # ------------------------------------------------------------------ tables
+                out[i] = v
 
     def embed_table(self, batch: pa.Table) -> pa.Table:
-        """Encode rows (``ENCODE_ROW_SCHEMA``) -> sink rows (:func:`sink_row_schema`)."""
-        from PIL import Image
-
-        from vlm2rec_ray.embed.schema import fixed_size_list
-
+        """Rows to encode (status ``encode``; ``failed`` rows pass through) -> ``encoded`` rows with the three
+        embeddings (or ``failed`` with ``encode_error``); the pixels stay here."""
         n = batch.num_rows
-        cols = {c: batch.column(c).to_pylist() for c in ("key", "status", "change", "in_prev", "reason", "detail",
-                                                          "title", "image_uri", "failed_item_id", "content_hash")}
-        ok = [i for i, s in enumerate(cols["status"]) if s == "encode"]
-        status = ["failed"] * n
-        reason, detail = list(cols["reason"]), list(cols["detail"])
+        status, reason, detail = (batch.column(c).to_pylist() for c in ("status", "reason", "detail"))
+        ok = [i for i, s in enumerate(status) if s == "encode"]
         n_text, n_image = [0] * n, [0] * n
         emb = np.zeros((3, n, self.dim), np.float32)
         if ok:
-            titles_col = batch.column("titles")
-            pix_col, w_col, h_col = batch.column("pixels"), batch.column("widths"), batch.column("heights")
-            titles, images = [], []
-            for i in ok:
-                titles.append(titles_col[i].as_py())
-                images.append([Image.frombytes("RGB", (int(w), int(h)), p)
-                               for p, w, h in zip(pix_col[i].as_py(), w_col[i].as_py(), h_col[i].as_py(), strict=True)])
-            tk = [batch.column("text_key")[i].as_py() for i in ok]
-            ik = [batch.column("image_key")[i].as_py() for i in ok]
-            e_t, e_v, e_f, nt, ni, errors = self.encode(titles, images, tk, ik)
+            titles = [batch.column("titles")[i].as_py() for i in ok]
+            images = [[Image.frombytes("RGB", (int(w), int(h)), p) for p, w, h in zip(
+                *(batch.column(c)[i].as_py() for c in ("pixels", "widths", "heights")), strict=True)] for i in ok]
+            keys = [[batch.column(c)[i].as_py() for i in ok] for c in ("text_key", "image_key")]
+            e_t, e_v, e_f, nt, ni, errors = self.encode(titles, images, *keys)
             for j, i in enumerate(ok):
-                emb[0, i], emb[1, i], emb[2, i] = e_t[j], e_v[j], e_f[j]
+                emb[:, i] = e_t[j], e_v[j], e_f[j]
                 n_text[i], n_image[i] = nt[j], ni[j]
                 if j in errors:
-                    reason[i], detail[i] = "encode_error", errors[j]
+                    status[i], reason[i], detail[i] = "failed", "encode_error", errors[j]
                 else:
                     status[i] = "encoded"
         valid = np.asarray([s == "encoded" for s in status])
         mask = pa.array(~valid)
-        now = _dt.datetime.now(_dt.timezone.utc)
 
         def fsl(m: np.ndarray) -> pa.Array:
             arr = fixed_size_list(m, self.dim)
             return pa.FixedSizeListArray.from_arrays(arr.values, type=arr.type, mask=mask)
 
-        return pa.Table.from_arrays([
-            batch.column("key"),
-            batch.column("history"),
-            fsl(emb[0]), fsl(emb[1]), fsl(emb[2]),
-            pa.array([h if v else None for h, v in zip(cols["content_hash"], valid, strict=True)], pa.string()),
-            pa.array([now if v else None for v in valid], EMBEDDED_AT_TYPE),
-            pa.array(status, pa.string()),
-            pa.array([c if v else "" for c, v in zip(cols["change"], valid, strict=True)], pa.string()),
-            pa.array(cols["in_prev"], pa.bool_()),
-            pa.array(reason, pa.string()),
-            pa.array(detail, pa.string()),
-            # ok rows drop title/uri: only ids, embeddings and small metadata go downstream
-            pa.array([None if v else t for t, v in zip(cols["title"], valid, strict=True)], pa.string()),
-            pa.array([None if v else u for u, v in zip(cols["image_uri"], valid, strict=True)], pa.string()),
-            pa.array(cols["failed_item_id"], pa.string()),
-            pa.array(n_text, pa.int32()),
-            pa.array(n_image, pa.int32()),
-            batch.column("storage_retries") if "storage_retries" in batch.column_names else pa.nulls(n, pa.int32()),
-        ], schema=sink_row_schema(self.dim))
+        def unless_ok(column: str) -> list[Any]:  # ok rows drop what only the errors table needs
+            return [None if v else x for x, v in zip(batch.column(column).to_pylist(), valid, strict=True)]
+
+        now = _dt.datetime.now(_dt.timezone.utc)
+        return rows(self.dim, n, key=batch.column("key"), history=batch.column("history"), emb_text=fsl(emb[0]),
+                    emb_image=fsl(emb[1]), emb_fused=fsl(emb[2]),
+                    content_hash=[h if v else None for h, v in zip(batch.column("content_hash").to_pylist(), valid,
+                                                                   strict=True)],
+                    embedded_at=[now if v else None for v in valid], status=status,
+                    change=[c if v else "" for c, v in zip(batch.column("change").to_pylist(), valid, strict=True)],
+                    in_prev=batch.column("in_prev"), reason=reason, detail=detail, title=unless_ok("title"),
+                    image_uri=unless_ok("image_uri"), failed_item_id=batch.column("failed_item_id"),
+                    texts_encoded=n_text, images_encoded=n_image)
 
 
 def load_encoder(cfg: Any, gpus: float = 0.0) -> Any:
@@ -366,12 +265,12 @@ def load_encoder(cfg: Any, gpus: float = 0.0) -> Any:
     from vlm2rec_ray.model.encoder import VLM2RecEncoder
 
     m = cfg.model
-    endpoint = m.endpoint_url or cfg.endpoint_url
     if gpus > 1 and torch.cuda.device_count() > 1:
         backbone, processor = _load_sharded(cfg)
     else:
-        backbone, processor = load_backbone(m.name, dtype=m.dtype, endpoint=endpoint, attn_implementation=m.attn_implementation,
-                                            min_pixels=m.min_pixels, max_pixels=m.max_pixels)
+        backbone, processor = load_backbone(m.name, dtype=m.dtype, endpoint=cfg.storage.endpoint_url,
+                                            attn_implementation=m.attn_implementation, min_pixels=m.min_pixels,
+                                            max_pixels=m.max_pixels)
     backbone.eval()
     return VLM2RecEncoder(backbone, processor, max_history=m.max_history,
                           max_title_chars=getattr(cfg, "max_title_chars", None))
@@ -383,15 +282,13 @@ def _load_sharded(cfg: Any) -> tuple[Any, Any]:  # pragma: no cover - needs seve
     from vlm2rec_ray.model import backbone as bb
 
     m = cfg.model
-    model_dir = bb.resolve_model_dir(m.name, endpoint=m.endpoint_url or cfg.endpoint_url)
+    model_dir = bb.resolve_model_dir(m.name, endpoint=cfg.storage.endpoint_url)
     family = bb._family(model_dir, m.name)
     _, dtype = bb.pick_device_and_dtype("cuda", m.dtype)
-    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "device_map": "auto"}
-    if m.attn_implementation:
-        kwargs["attn_implementation"] = m.attn_implementation
-    net = getattr(transformers, family.model_cls).from_pretrained(model_dir, **kwargs)
-    processor = bb.load_processor(model_dir, min_pixels=m.min_pixels, max_pixels=m.max_pixels)
-    return net, processor
+    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "device_map": "auto",
+                              **({"attn_implementation": m.attn_implementation} if m.attn_implementation else {})}
+    return (getattr(transformers, family.model_cls).from_pretrained(model_dir, **kwargs),
+            bb.load_processor(model_dir, min_pixels=m.min_pixels, max_pixels=m.max_pixels))
 
 
 class EmbedPredictor:
@@ -405,17 +302,10 @@ class EmbedPredictor:
         from vlm2rec_ray.config import EmbedJobConfig
 
         cfg = EmbedJobConfig.model_validate(config)
-        self._exit_after = cfg.inject_actor_exit_after_batches  # testing only (see _maybe_exit)
-        self._run_id = run_id
-        self._batches = 0
+        self._exit_after, self._run_id, self._batches = cfg.inject_actor_exit_after_batches, run_id, 0  # testing
         if torch_threads:
             torch.set_num_threads(torch_threads)  # fixed thread count: part of CPU determinism
-        from vlm2rec_ray import storage
-
-        retries_before = storage.retry_attempts()
         encoder = load_encoder(cfg, gpus)
-        # S3 retries of downloading an s3:// model: reported on this actor's first output row (see __call__)
-        self._load_retries = storage.retry_attempts() - retries_before
         if encoder.hidden_size != dim:
             raise ValueError(f"model {cfg.model.name!r} has hidden size {encoder.hidden_size}, but the run was "
                              f"planned for {dim}; the model changed under the job, re-run it")
@@ -425,21 +315,12 @@ class EmbedPredictor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self._exit_after is not None:
             self._maybe_exit()
-        out = self.core.embed_table(batch)
-        if self._load_retries and out.num_rows:
-            retries = out.column("storage_retries").fill_null(0).to_numpy(zero_copy_only=False).astype(np.int32)
-            retries[0] += self._load_retries
-            out = out.set_column(out.schema.get_field_index("storage_retries"), "storage_retries",
-                                 pa.array(retries, pa.int32()))
-            self._load_retries = 0
-        return out
+        return self.core.embed_table(batch)
 
     def _maybe_exit(self) -> None:
         """Testing aid (``inject_actor_exit_after_batches``): before batch N+1 this actor process exits hard,
         once per run (an ``O_EXCL`` marker file in the node's temp dir, keyed by the run id), so Ray Data must
         restart the actor and retry the batch."""
-        import tempfile
-
         self._batches += 1
         if self._batches <= int(self._exit_after or 0):
             return
@@ -454,4 +335,4 @@ class EmbedPredictor:
         os._exit(1)
 
 
-__all__ = ["BatchEncoder", "EmbedPredictor", "load_encoder", "sink_row_schema"]
+__all__ = ["BatchEncoder", "EmbedPredictor", "load_encoder"]

@@ -32,14 +32,9 @@ SEQUENCE_COLUMNS = ("user_id", "history", *EMBEDDING_COLUMNS, "content_hash", "m
                     "embedded_at")
 EMBEDDED_AT_TYPE = pa.timestamp("us", tz="UTC")
 
-# Image reasons (data/images.py, incl. empty_title) plus row-level ones of the embed job.
-ERROR_REASONS = (
-    *IMAGE_REASONS,
-    "empty_item_id",  # null/blank item_id (items) or user_id (sequences)
-    "empty_history",  # a sequence row with no history items
-    "unknown_item",  # a history item that is not in the catalog
-    "encode_error",  # the model raised on this row (message in detail)
-)
+# Image reasons (data/images.py, incl. empty_title) plus the embed job's: a null/blank item_id (user_id), a
+# sequence without history items, a history item not in the catalog, the model raised on the row.
+ERROR_REASONS = (*IMAGE_REASONS, "empty_item_id", "empty_history", "unknown_item", "encode_error")
 
 
 def embedding_type(dim: int) -> pa.DataType:
@@ -49,18 +44,13 @@ def embedding_type(dim: int) -> pa.DataType:
     return pa.list_(pa.field("element", pa.float32(), nullable=False), dim)
 
 
-def _tail(dim: int) -> list[pa.Field]:
-    emb = embedding_type(dim)
-    return [
-        *(pa.field(c, emb, nullable=False) for c in EMBEDDING_COLUMNS),
-        pa.field("content_hash", pa.string(), nullable=False),
-        pa.field("model_id", pa.string(), nullable=False),
-        pa.field("model_version", pa.string(), nullable=False),
-        pa.field("embedded_at", EMBEDDED_AT_TYPE, nullable=False),
-    ]
-
-
 HISTORY_TYPE = pa.list_(pa.field("element", pa.string()))
+
+
+def _tail(dim: int) -> list[pa.Field]:
+    return [*(pa.field(c, embedding_type(dim), nullable=False) for c in EMBEDDING_COLUMNS),
+            *(pa.field(c, pa.string(), nullable=False) for c in ("content_hash", "model_id", "model_version")),
+            pa.field("embedded_at", EMBEDDED_AT_TYPE, nullable=False)]
 
 
 def item_schema(dim: int) -> pa.Schema:
@@ -80,27 +70,14 @@ def output_schema(kind: str, dim: int) -> pa.Schema:
     return item_schema(dim) if kind == "items" else sequence_schema(dim)
 
 
-ITEM_ERRORS_SCHEMA = pa.schema([
-    pa.field("item_id", pa.string()),
-    pa.field("title", pa.string()),
-    pa.field("image_uri", pa.string()),
-    pa.field("reason", pa.string(), nullable=False),
-    pa.field("detail", pa.string()),
-    pa.field("model_version", pa.string(), nullable=False),
-    pa.field("failed_at", EMBEDDED_AT_TYPE, nullable=False),
-])
-
-SEQUENCE_ERRORS_SCHEMA = pa.schema([
-    pa.field("user_id", pa.string()),
-    pa.field("history", HISTORY_TYPE),
-    pa.field("item_id", pa.string()),  # the history item that failed (None for row-level reasons)
-    pa.field("title", pa.string()),
-    pa.field("image_uri", pa.string()),
-    pa.field("reason", pa.string(), nullable=False),
-    pa.field("detail", pa.string()),
-    pa.field("model_version", pa.string(), nullable=False),
-    pa.field("failed_at", EMBEDDED_AT_TYPE, nullable=False),
-])
+_ERRORS_TAIL = [pa.field("title", pa.string()), pa.field("image_uri", pa.string()),
+                pa.field("reason", pa.string(), nullable=False), pa.field("detail", pa.string()),
+                pa.field("model_version", pa.string(), nullable=False),
+                pa.field("failed_at", EMBEDDED_AT_TYPE, nullable=False)]
+ITEM_ERRORS_SCHEMA = pa.schema([pa.field("item_id", pa.string()), *_ERRORS_TAIL])
+# sequences: item_id is the history item that failed (None for row-level reasons)
+SEQUENCE_ERRORS_SCHEMA = pa.schema([pa.field("user_id", pa.string()), pa.field("history", HISTORY_TYPE),
+                                    pa.field("item_id", pa.string()), *_ERRORS_TAIL])
 
 
 def errors_schema(kind: str) -> pa.Schema:
@@ -124,22 +101,88 @@ def fixed_size_list(matrix: object, dim: int) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1), pa.float32()), type=embedding_type(dim))
 
 
-__all__ = [
-    "EMBEDDED_AT_TYPE",
-    "EMBEDDING_COLUMNS",
-    "ERROR_REASONS",
-    "HISTORY_TYPE",
-    "ITEM_COLUMNS",
-    "ITEM_ERRORS_SCHEMA",
-    "KEY_COLUMN",
-    "KINDS",
-    "SEQUENCE_COLUMNS",
-    "SEQUENCE_ERRORS_SCHEMA",
-    "embedding_type",
-    "errors_schema",
-    "fixed_size_list",
-    "item_schema",
-    "output_schema",
-    "schema_to_json",
-    "sequence_schema",
-]
+# --- the row contract between the stages --------------------------------------------------------------------
+#
+# Every stage of the pipeline (prepare, model, carry-over, the incremental scan) hands on rows of this one
+# schema, built by column name with :func:`rows`; a stage fills the columns it knows and the rest are null.
+#   status  "encode" (prepared for the model) | "encoded" | "carried" | "failed" (an errors-table row)
+#           in the incremental scan: "new" | "changed" | "unchanged" | "failed"
+#   change  the scan's verdict carried into pass 2 ("new" | "changed"; "unchanged" for carried rows; "" else)
+#   title, image_uri   items: the item's (the scan keeps them for pass 2); failed rows: the failing item's
+OK_STATUSES = ("encoded", "carried")
+
+
+def _list(t: pa.DataType) -> pa.DataType:
+    return pa.list_(pa.field("element", t))  # named as Parquet names it: staged rows read back unchanged
+
+
+
+_ROW_COLUMNS: tuple[tuple[str, pa.DataType | None], ...] = (
+    ("key", pa.string()), ("history", HISTORY_TYPE),
+    ("titles", HISTORY_TYPE), ("pixels", _list(pa.binary())),  # pixels: raw RGB, row-major (H, W, 3)
+    ("widths", _list(pa.int32())), ("heights", _list(pa.int32())),
+    ("text_key", pa.string()), ("image_key", pa.string()),
+    ("emb_text", None), ("emb_image", None), ("emb_fused", None), ("embedded_at", EMBEDDED_AT_TYPE),
+    ("texts_encoded", pa.int32()), ("images_encoded", pa.int32()),  # forwards the row caused (0: reused)
+    ("content_hash", pa.string()), ("status", pa.string()), ("change", pa.string()), ("in_prev", pa.bool_()),
+    ("reason", pa.string()), ("detail", pa.string()), ("title", pa.string()), ("image_uri", pa.string()),
+    ("failed_item_id", pa.string()),  # sequences: the history item that failed
+)
+
+
+def row_schema(dim: int) -> pa.Schema:
+    """The schema of the rows every stage hands on (embedding columns of size ``dim``)."""
+    return pa.schema([(name, typ or embedding_type(dim)) for name, typ in _ROW_COLUMNS])
+
+
+def rows(dim: int, num_rows: int, **columns: object) -> pa.Table:
+    """A table of :func:`row_schema` from columns given by name (lists or Arrow arrays, cast to the contract's
+    types); every other column is null.
+
+    Raises:
+        KeyError: a column the contract does not have.
+    """
+    schema = row_schema(dim)
+    unknown = set(columns) - set(schema.names)
+    if unknown:
+        raise KeyError(f"columns {sorted(unknown)} are not in the row contract (embed/schema.py)")
+    arrays = []
+    for f in schema:
+        v = columns.get(f.name)
+        if v is None:
+            arrays.append(pa.nulls(num_rows, f.type))
+        elif isinstance(v, (pa.Array, pa.ChunkedArray)):
+            arrays.append(v if v.type == f.type else v.cast(f.type))
+        else:
+            arrays.append(pa.array(v, f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def output_table(batch: pa.Table, *, kind: str, dim: int, model_id: str, model_version: str) -> pa.Table:
+    """Rows with an embedding (status ``encoded`` / ``carried``) as the exact output schema."""
+    if batch.column("emb_fused").null_count or batch.column("content_hash").null_count:
+        raise AssertionError("an ok row has no embedding or content hash")
+    n = batch.num_rows
+    cols = {KEY_COLUMN[kind]: batch.column("key"), "model_id": pa.array([model_id] * n, pa.string()),
+            "model_version": pa.array([model_version] * n, pa.string())}
+    schema = output_schema(kind, dim)
+    return pa.Table.from_arrays([cols[f.name] if f.name in cols else batch.column(f.name) for f in schema],
+                                schema=schema)
+
+
+def errors_table(batch: pa.Table, *, kind: str, model_version: str, failed_at: object) -> pa.Table:
+    """Failed rows as the errors table (sequences: ``item_id`` is the history item that failed)."""
+    n = batch.num_rows
+    cols = {KEY_COLUMN[kind]: batch.column("key"), "model_version": pa.array([model_version] * n, pa.string()),
+            "failed_at": pa.array([failed_at] * n, EMBEDDED_AT_TYPE)}
+    if kind == "sequences":
+        cols["item_id"] = batch.column("failed_item_id")
+    schema = errors_schema(kind)
+    return pa.Table.from_arrays([cols[f.name] if f.name in cols else batch.column(f.name) for f in schema],
+                                schema=schema)
+
+
+__all__ = ["EMBEDDED_AT_TYPE", "EMBEDDING_COLUMNS", "ERROR_REASONS", "HISTORY_TYPE", "ITEM_COLUMNS", "ITEM_ERRORS_SCHEMA",
+           "KEY_COLUMN", "KINDS", "OK_STATUSES", "SEQUENCE_COLUMNS", "SEQUENCE_ERRORS_SCHEMA", "embedding_type",
+           "errors_schema", "errors_table", "fixed_size_list", "item_schema", "output_schema", "output_table",
+           "row_schema", "rows", "schema_to_json", "sequence_schema"]

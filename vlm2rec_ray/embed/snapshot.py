@@ -1,6 +1,6 @@
 """Embedding snapshots on storage: layout, the manifest written last, the atomic day swap, and the reader.
 
-Layout under ``<output_uri>/<kind>/`` (``kind`` is ``items`` or ``sequences``), local or ``s3://``::
+Layout under ``<output_uri>/<kind>/`` (``kind`` is ``items`` or ``sequences``), on any store::
 
     dt=2026-11-22/_manifest.json                       the snapshot: written LAST, names the run and its files
     dt=2026-11-22/run=<run_id>/part-00000.parquet      embeddings (schema in embed/schema.py)
@@ -8,15 +8,12 @@ Layout under ``<output_uri>/<kind>/`` (``kind`` is ``items`` or ``sequences``), 
     dt=2026-11-22/run=<run_id>/_staging/...            scratch of an incremental run (deleted at the end)
     dt=2026-11-22/run=<run_id>/_status.json            only for a run that failed (why; not a snapshot)
 
-A run writes everything under its own ``run=<run_id>/`` and only then replaces ``_manifest.json`` (one PUT on
-S3, a rename locally: atomic on both), so a reader sees the old snapshot or the new one, never a mix and never
-a half-written run. A same-day re-run publishes its new run the same way and then deletes the run the old
-manifest named (and runs marked failed), so rows are never duplicated. ``_``-prefixed paths are skipped by
-pyarrow's dataset discovery, so ``pq.read_table(<output_uri>/items)`` also sees only data files (but mid-swap
-it may see two runs; use the manifest, i.e. :func:`read_embeddings` / :func:`snapshot_files`, to be exact).
-
-Partitions without a manifest that hold Parquet files directly (not under ``run=``) are read as plain
-snapshots, for tables written by other tools.
+A run (:class:`SnapshotRun`) writes under its own ``run=<run_id>/`` and only then replaces ``_manifest.json``
+(atomic on every store), so a reader sees the old snapshot or the new one, never a mix or a half-written run; a
+same-day re-run then deletes the run the old manifest named. ``_``-prefixed paths are skipped by pyarrow's
+dataset discovery, so ``pq.read_table(<output_uri>/items)`` sees data files only (mid-swap maybe two runs: follow
+the manifest, :func:`read_embeddings`, to be exact). Partitions without a manifest that hold Parquet files
+directly are read as plain snapshots (tables written by other tools).
 """
 
 from __future__ import annotations
@@ -34,32 +31,11 @@ if TYPE_CHECKING:
 
 MANIFEST_FILE = "_manifest.json"
 STATUS_FILE = "_status.json"
-ERRORS_DIR = "_errors"
-STAGING_DIR = "_staging"
 MANIFEST_FORMAT = "vlm2rec-embeddings/1"
 
-__all__ = [
-    "MANIFEST_FILE",
-    "MANIFEST_FORMAT",
-    "Snapshot",
-    "errors_uri",
-    "kind_uri",
-    "latest_manifest",
-    "list_snapshots",
-    "mark_run_failed",
-    "new_run_id",
-    "partition_uri",
-    "publish_manifest",
-    "read_embeddings",
-    "read_errors",
-    "read_manifest",
-    "run_uri",
-    "snapshot_files",
-    "staging_uri",
-]
-
-
-# ---------------------------------------------------------------------------------------------- layout
+__all__ = ["MANIFEST_FILE", "MANIFEST_FORMAT", "Snapshot", "SnapshotRun", "kind_uri", "latest_manifest", "list_snapshots",
+           "manifest_uri", "new_run_id", "partition_uri", "read_embeddings", "read_errors", "read_manifest",
+           "snapshot_files", "today_utc"]
 
 
 def kind_uri(output_uri: str, kind: str) -> str:
@@ -69,18 +45,6 @@ def kind_uri(output_uri: str, kind: str) -> str:
 
 def partition_uri(root: str, dt: str) -> str:
     return storage.join(root, f"dt={dt}")
-
-
-def run_uri(root: str, dt: str, run_id: str) -> str:
-    return storage.join(partition_uri(root, dt), f"run={run_id}")
-
-
-def errors_uri(root: str, dt: str, run_id: str) -> str:
-    return storage.join(run_uri(root, dt, run_id), ERRORS_DIR)
-
-
-def staging_uri(root: str, dt: str, run_id: str, name: str) -> str:
-    return storage.join(run_uri(root, dt, run_id), STAGING_DIR, name)
 
 
 def manifest_uri(root: str, dt: str) -> str:
@@ -97,91 +61,89 @@ def today_utc() -> str:
     return _dt.datetime.now(_dt.timezone.utc).date().isoformat()
 
 
-def _abs_root(uri: str) -> str:
-    return (uri if storage.is_s3(uri) else str(storage.resolve_local(uri))).rstrip("/")
-
-
-# ---------------------------------------------------------------------------------------------- manifest
-
-
 def read_manifest(root: str, dt: str, *, endpoint: str | None = None) -> dict[str, Any] | None:
     """The published manifest of ``dt``, or ``None`` when there is none."""
-    uri = manifest_uri(root, dt)
     try:
-        return json.loads(storage.read_text(uri, endpoint=endpoint))
+        return json.loads(storage.read_text(manifest_uri(root, dt), endpoint=endpoint))
     except storage.StorageError as e:
         if e.reason == "missing":
             return None
         raise
 
 
-def publish_manifest(root: str, dt: str, manifest: dict[str, Any], *, endpoint: str | None = None) -> dict[str, Any] | None:
-    """Make ``manifest`` the snapshot of ``dt``: write it (atomically), then delete the run it replaced and
-    runs marked failed. Returns the replaced manifest (or ``None``).
+@dataclass(frozen=True)
+class SnapshotRun:
+    """One run of the ``dt`` snapshot under ``root``: where it writes (``run=<run_id>/``), and how it publishes
+    (manifest last) or gives up (a status file; the next publish of the day removes it)."""
 
-    The manifest must name files under ``run=<manifest['run_id']>/`` of this partition; they must already be
-    complete, since readers follow the manifest as soon as it is written.
-    """
-    part = partition_uri(root, dt)
-    for f in manifest.get("files", []):
-        # A newer run of this dt may have published meanwhile and removed this (then abandoned-looking) run.
-        if not storage.exists(storage.join(part, f["path"]), endpoint=endpoint):
-            raise FileNotFoundError(f"{f['path']} of run {manifest['run_id']} is gone (a newer run of dt={dt} "
-                                    "published and removed it?); nothing published by this run; re-run the job")
-    old = read_manifest(root, dt, endpoint=endpoint)
-    body = json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n"
-    storage.write_text(manifest_uri(root, dt), body, endpoint=endpoint)
-    if old and old.get("run_id") and old["run_id"] != manifest["run_id"]:
-        storage.delete_prefix(run_uri(root, dt, old["run_id"]), endpoint=endpoint)
-    for run_id in _failed_runs(root, dt, endpoint=endpoint):
-        if run_id != manifest["run_id"]:
-            storage.delete_prefix(run_uri(root, dt, run_id), endpoint=endpoint)
-    # Runs that started before this one and never published nor marked themselves failed: a driver killed
-    # mid-run (SIGKILL, node loss). Their part files would show up in a plain directory scan of the partition.
-    for run_id in _run_ids(root, dt, endpoint=endpoint):
-        if run_id < manifest["run_id"]:
-            storage.delete_prefix(run_uri(root, dt, run_id), endpoint=endpoint)
-    return old
+    root: str
+    dt: str
+    run_id: str
+    endpoint: str | None = None
 
+    @property
+    def partition(self) -> str:
+        return partition_uri(self.root, self.dt)
 
-def mark_run_failed(root: str, dt: str, run_id: str, info: dict[str, Any], *, endpoint: str | None = None) -> str:
-    """Record why a run failed in ``run=<id>/_status.json`` (its errors table stays for inspection; the next
-    successful publish of this ``dt`` deletes it). Returns the status file's URI."""
-    uri = storage.join(run_uri(root, dt, run_id), STATUS_FILE)
-    storage.write_text(uri, json.dumps({"state": "failed", **info}, indent=2, sort_keys=True, default=str) + "\n",
-                       endpoint=endpoint)
-    return uri
+    @property
+    def uri(self) -> str:
+        return storage.join(self.partition, f"run={self.run_id}")
 
+    @property
+    def errors_uri(self) -> str:
+        return storage.join(self.uri, "_errors")
 
-def _run_ids(root: str, dt: str, *, endpoint: str | None) -> list[str]:
-    """Ids of every ``run=<id>/`` holding files in the partition of ``dt``."""
-    part = partition_uri(root, dt)
-    if not storage.exists(part, endpoint=endpoint):
-        return []
-    base = _abs_root(part) + "/"
-    out = set()
-    for f in storage.list_uris(part, endpoint=endpoint):
-        first = (f[len(base):] if f.startswith(base) else f).split("/", 1)[0]
-        if first.startswith("run="):
-            out.add(first[4:])
-    return sorted(out)
+    def staging(self, name: str = "") -> str:
+        """Scratch space of the run (an incremental run's scan), deleted before it publishes or gives up."""
+        return storage.join(self.uri, "_staging", name)
 
+    def relative(self, uri: str) -> str:
+        """A URI of this run as the manifest names it (relative to the partition)."""
+        part = self.partition.rstrip("/") + "/"
+        if not uri.startswith(part):
+            raise AssertionError(f"{uri} is not under {part}")
+        return uri[len(part):]
 
-def _failed_runs(root: str, dt: str, *, endpoint: str | None) -> list[str]:
-    part = partition_uri(root, dt)
-    if not storage.exists(part, endpoint=endpoint):
-        return []
-    out = []
-    base = _abs_root(part) + "/"
-    for f in storage.list_uris(part, endpoint=endpoint, suffix=STATUS_FILE):
-        rel = f[len(base):] if f.startswith(base) else f
-        first = rel.split("/", 1)[0]
-        if first.startswith("run=") and rel == f"{first}/{STATUS_FILE}":
-            out.append(first[4:])
-    return out
+    def publish(self, manifest: dict[str, Any]) -> dict[str, Any] | None:
+        """Drop the staging, make ``manifest`` the day's snapshot (written atomically, last), then delete the run it
+        replaced, runs marked failed and runs that started before this one and never finished (a killed driver).
+        Returns the replaced manifest (or ``None``).
 
+        Raises:
+            FileNotFoundError: a file the manifest names is gone (a newer run of the day published meanwhile).
+        """
+        storage.delete_prefix(self.staging(), endpoint=self.endpoint)
+        for f in manifest.get("files", []):
+            if not storage.exists(storage.join(self.partition, f["path"]), endpoint=self.endpoint):
+                raise FileNotFoundError(f"{f['path']} of run {self.run_id} is gone (a newer run of dt={self.dt} "
+                                        "published and removed it?); nothing published by this run; re-run the job")
+        old = read_manifest(self.root, self.dt, endpoint=self.endpoint)
+        body = json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n"
+        storage.write_text(manifest_uri(self.root, self.dt), body, endpoint=self.endpoint)
+        for run_id, failed in self._runs().items():
+            if run_id != self.run_id and (failed or run_id < self.run_id or (old or {}).get("run_id") == run_id):
+                storage.delete_prefix(storage.join(self.partition, f"run={run_id}"), endpoint=self.endpoint)
+        return old
 
-# ---------------------------------------------------------------------------------------------- listing
+    def fail(self, info: dict[str, Any]) -> str:
+        """Record why the run failed in ``run=<id>/_status.json`` (its errors table stays for inspection) and drop
+        its staging. Returns the status file's URI."""
+        uri = storage.join(self.uri, STATUS_FILE)
+        storage.write_text(uri, json.dumps({"state": "failed", **info}, indent=2, sort_keys=True, default=str) + "\n",
+                           endpoint=self.endpoint)
+        storage.delete_prefix(self.staging(), endpoint=self.endpoint)
+        return uri
+
+    def _runs(self) -> dict[str, bool]:
+        """``{run_id: marked failed}`` of every ``run=<id>/`` holding files in the partition."""
+        base = storage.absolute(self.partition).rstrip("/") + "/"
+        out: dict[str, bool] = {}
+        for f in storage.list_uris(self.partition, endpoint=self.endpoint):
+            rel = f[len(base):] if f.startswith(base) else f
+            first = rel.split("/", 1)[0]
+            if first.startswith("run="):
+                out[first[4:]] = out.get(first[4:], False) or rel == f"{first}/{STATUS_FILE}"
+        return out
 
 
 @dataclass
@@ -195,34 +157,26 @@ class Snapshot:
     error_files: list[str] = field(default_factory=list)
 
 
-def _skip(part: str) -> bool:
-    return part.startswith((".", "_")) or "error" in part.lower()
-
-
 def list_snapshots(uri: str, *, endpoint: str | None = None) -> tuple[dict[str, Snapshot], list[str]]:
     """``({dt: Snapshot}, incomplete dts)`` under ``uri`` (one listing). A ``dt=`` partition with a manifest
     is what the manifest says; one with ``run=`` folders but no manifest is incomplete (a run in progress or
     a failed one) and not a snapshot; one with Parquet files directly inside is a plain snapshot."""
-    root = _abs_root(uri)
-    files = storage.list_uris(uri, endpoint=endpoint)
+    root = storage.absolute(uri).rstrip("/")
     snaps: dict[str, Snapshot] = {}
     manifests: set[str] = set()
     runs: set[str] = set()
     plain: dict[str, list[str]] = {}
-    for f in files:
+    for f in storage.list_uris(uri, endpoint=endpoint):
         rel = f[len(root) + 1:] if f.startswith(root + "/") else f.rsplit("/", 1)[-1]
         parts = rel.split("/")
         dt = parts[0][3:] if len(parts) > 1 and parts[0].startswith("dt=") else ""
         inner = parts[1:] if dt else parts
         if dt and inner == [MANIFEST_FILE]:
             manifests.add(dt)
-            continue
-        if dt and inner and inner[0].startswith("run="):
+        elif dt and inner and inner[0].startswith("run="):
             runs.add(dt)
-            continue
-        if not f.endswith(".parquet") or any(_skip(p) for p in parts):
-            continue
-        plain.setdefault(dt, []).append(f)
+        elif f.endswith(".parquet") and not any(p.startswith((".", "_")) or "error" in p.lower() for p in parts):
+            plain.setdefault(dt, []).append(f)
     for dt in manifests:
         m = read_manifest(uri, dt, endpoint=endpoint)
         if m is None:  # deleted between listing and reading
@@ -231,10 +185,8 @@ def list_snapshots(uri: str, *, endpoint: str | None = None) -> tuple[dict[str, 
         snaps[dt] = Snapshot(dt, [storage.join(part, e["path"]) for e in m.get("files", [])], m,
                              [storage.join(part, e["path"]) for e in m.get("error_files", [])])
     for dt, fs in plain.items():
-        if dt not in snaps:
-            snaps[dt] = Snapshot(dt, sorted(fs))
-    incomplete = sorted(runs - set(snaps))
-    return snaps, incomplete
+        snaps.setdefault(dt, Snapshot(dt, sorted(fs)))
+    return snaps, sorted(runs - set(snaps))
 
 
 def latest_manifest(root: str, *, on_or_before: str | None = None, endpoint: str | None = None) -> dict[str, Any] | None:
@@ -281,30 +233,23 @@ def _read_files(files: list[str], *, endpoint: str | None, columns: list[str] | 
 
 def read_embeddings(uri: str, dt: str | None = None, *, endpoint: str | None = None,
                     columns: list[str] | None = None) -> pa.Table:
-    """An embedding snapshot as one table, following its manifest (default: the latest ``dt``).
-
-    Args:
-        uri: ``<output_uri>/items`` or ``<output_uri>/sequences`` (local or ``s3://``).
-        dt: the ``dt=`` partition to read; default the latest published one.
-        endpoint: S3 endpoint (default ``AWS_ENDPOINT_URL``).
-        columns: read only these columns.
+    """The snapshot ``dt`` (default: the latest) of ``<output_uri>/items`` or ``/sequences`` as one table,
+    following its manifest (only ``columns`` when given).
 
     Raises:
         FileNotFoundError: no snapshot at ``uri`` or no such ``dt``.
     """
     snap = snapshot_files(uri, dt, endpoint=endpoint)
-    if not snap.files:
-        if snap.manifest is not None:
-            import pyarrow as pa
-
-            from vlm2rec_ray.embed.schema import output_schema
-
-            schema = output_schema(snap.manifest["kind"], int(snap.manifest["schema"]["embedding_dim"]))
-            if columns:
-                schema = pa.schema([schema.field(c) for c in columns])
-            return schema.empty_table()
+    if snap.files:
+        return _read_files(snap.files, endpoint=endpoint, columns=columns)
+    if snap.manifest is None:
         raise FileNotFoundError(f"snapshot dt={snap.dt} under {uri} lists no files")
-    return _read_files(snap.files, endpoint=endpoint, columns=columns)
+    import pyarrow as pa
+
+    from vlm2rec_ray.embed.schema import output_schema
+
+    schema = output_schema(snap.manifest["kind"], int(snap.manifest["schema"]["embedding_dim"]))
+    return pa.schema([schema.field(c) for c in columns or schema.names]).empty_table()
 
 
 def read_errors(uri: str, dt: str | None = None, *, endpoint: str | None = None) -> pa.Table:

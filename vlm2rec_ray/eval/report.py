@@ -115,8 +115,6 @@ def load_training_metrics(uri: str, *, endpoint: str | None = None) -> list[dict
         try:
             if not storage.exists(cand, endpoint=endpoint):
                 continue
-            if not storage.is_s3(cand) and Path(cand).is_dir():
-                continue
             text = storage.read_text(cand, endpoint=endpoint)
         except (storage.StorageError, IsADirectoryError):
             continue

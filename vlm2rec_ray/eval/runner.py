@@ -27,7 +27,7 @@ def _snapshot_files(uri: str, endpoint: str | None) -> dict[str, list[str]]:
 
     Hidden (``.``/``_``-prefixed) paths and anything under an ``errors`` folder are not embeddings.
     """
-    root = (uri if storage.is_s3(uri) else str(storage.resolve_local(uri))).rstrip("/") + "/"
+    root = storage.absolute(uri).rstrip("/") + "/"
     out: dict[str, list[str]] = {}
     for f in storage.list_uris(uri, endpoint=endpoint, suffix=".parquet"):
         rel = f[len(root):] if f.startswith(root) else f.rsplit("/", 1)[-1]

@@ -64,9 +64,9 @@ def default_cache_dir() -> Path:
 
 
 def resolve_model_dir(model: str, *, cache_dir: str | os.PathLike[str] | None = None, endpoint: str | None = None) -> str:
-    """Map a model reference to something ``from_pretrained`` takes: an s3:// prefix is downloaded into
+    """Map a model reference to something ``from_pretrained`` takes: an object-store prefix is downloaded into
     ``cache_dir/<hash of the URI>``; local directories and hub ids pass through."""
-    if storage.is_s3(model):
+    if storage.is_remote(model):
         digest = hashlib.sha256(model.rstrip("/").encode()).hexdigest()[:16]
         local = Path(cache_dir or default_cache_dir()) / digest
         storage.download_prefix(model, local, endpoint=endpoint)

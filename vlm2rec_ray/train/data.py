@@ -97,7 +97,7 @@ def prepare_training_rows(cfg: TrainJobConfig) -> TrainingRows:
     from vlm2rec_ray.storage import join
 
     d = cfg.data
-    endpoint = cfg.data_endpoint
+    endpoint = cfg.storage.endpoint_url
     catalog_uri = join(d.dataset_uri, "catalog.parquet")
     catalog = read_catalog(d.dataset_uri, endpoint=endpoint)
     split = read_split(d.dataset_uri, d.split, endpoint=endpoint)
@@ -155,7 +155,7 @@ def prepare_training_rows(cfg: TrainJobConfig) -> TrainingRows:
     if rows.num_rows == 0:
         raise ValueError(f"no training rows left in {d.dataset_uri} split {d.split!r} ({len(records)} sampled, "
                          f"{len(errors)} dropped: see the reasons in data_errors.parquet); check the catalog's "
-                         "image_uri values and data.allowed_roots")
+                         "image_uri values and storage.allowed_roots")
     # Candidates for sampled negatives: items whose image passed the check (all catalog items without it).
     usable = [i for i, item in enumerate(item_ids) if item in referenced and item not in bad] if d.check_images \
         else list(range(len(item_ids)))
@@ -189,8 +189,12 @@ def _check_images(items: list[tuple[str, str]], cfg: TrainJobConfig) -> dict[str
 
 
 def _image_kwargs(cfg: TrainJobConfig) -> dict[str, Any]:
-    return {"endpoint": cfg.data_endpoint, "min_pixels": cfg.model.min_pixels, "max_pixels": cfg.model.max_pixels,
-            "max_bytes": cfg.data.max_image_bytes, "allowed_roots": list(cfg.data.allowed_roots) or None}
+    from vlm2rec_ray.data.images import resolve_roots
+
+    return {"endpoint": cfg.storage.endpoint_url, "min_pixels": cfg.model.min_pixels, "max_pixels": cfg.model.max_pixels,
+            "max_bytes": cfg.data.max_image_bytes,
+            "allowed_roots": resolve_roots(cfg.storage.allowed_roots, cfg.data.dataset_uri),
+            "allow_private_addresses": cfg.storage.allow_private_addresses}
 
 
 def _check_batch(batch: pa.Table, **image_kw: Any) -> pa.Table:
@@ -245,7 +249,8 @@ def unpack_image(data: bytes, width: int, height: int) -> Image.Image:
 
 
 def _load(uri: str, *, endpoint: str | None, min_pixels: int, max_pixels: int, max_bytes: int,
-          allowed_roots: list[str] | None) -> tuple[tuple[bytes, int, int] | None, str | None]:
+          allowed_roots: list[str] | None, allow_private_addresses: bool = False
+          ) -> tuple[tuple[bytes, int, int] | None, str | None]:
     """Fetch + decode one image through a per-process LRU cache (histories repeat items a lot)."""
     global _cache_size
     from vlm2rec_ray.data.images import decode_image, fetch_image_bytes
@@ -255,7 +260,8 @@ def _load(uri: str, *, endpoint: str | None, min_pixels: int, max_pixels: int, m
     if hit is not None:
         _cache.move_to_end(key)
         return hit, None
-    data, reason = fetch_image_bytes(uri, endpoint=endpoint, max_bytes=max_bytes, allowed_roots=allowed_roots)
+    data, reason = fetch_image_bytes(uri, endpoint=endpoint, max_bytes=max_bytes, allowed_roots=allowed_roots,
+                                     allow_private_addresses=allow_private_addresses)
     if data is None:
         return None, reason
     im, reason = decode_image(data, min_pixels=min_pixels, max_pixels=max_pixels)

@@ -23,7 +23,6 @@ tensors: small for LoRA).
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,7 +121,7 @@ def build_cpu_model(cfg: TrainJobConfig, trained: dict[str, Tensor]) -> tuple[nn
 
     _unset_zero3_init()
     backbone, processor = load_backbone(cfg.model.name, device="cpu", dtype=_export_dtype(cfg),
-                                        endpoint=cfg.model.endpoint_url or cfg.data_endpoint,
+                                        endpoint=cfg.storage.endpoint_url,
                                         min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
     if cfg.uses_lora:
         backbone = apply_lora(backbone, cfg.lora)
@@ -169,23 +168,14 @@ def save_export(cfg: TrainJobConfig, backbone: nn.Module, processor: Any, local_
 
 
 def publish_dir(local_dir: str | Path, output_uri: str, *, endpoint: str | None = None) -> None:
-    """Copy an export directory to ``output_uri`` (local dir or s3:// prefix), replacing older weight files."""
+    """Copy an export directory to ``output_uri`` (any store), replacing older weight files (checkpoints kept)."""
     from vlm2rec_ray import storage
 
-    local = Path(local_dir)
-    if storage.is_s3(output_uri):
-        for old in storage.list_uris(output_uri, endpoint=endpoint, suffix=".safetensors"):
-            if "/checkpoints/" not in old[len(output_uri):]:
-                storage.delete(old, endpoint=endpoint)
-        storage.upload_dir(local, output_uri, endpoint=endpoint)
-        return
-    dest = Path(output_uri).expanduser()
-    dest.mkdir(parents=True, exist_ok=True)
-    if (dest / "adapter").is_dir():
-        shutil.rmtree(dest / "adapter")
-    for old in dest.glob("*.safetensors*"):
-        old.unlink()
-    shutil.copytree(local, dest, dirs_exist_ok=True)
+    base = storage.absolute(output_uri).rstrip("/")
+    for old in storage.list_uris(output_uri, endpoint=endpoint, suffix=".safetensors"):
+        if "/checkpoints/" not in old[len(base):]:
+            storage.delete(old, endpoint=endpoint)
+    storage.upload_dir(local_dir, output_uri, endpoint=endpoint)
 
 
 def export_trained_model(cfg: TrainJobConfig, trained: dict[str, Tensor], *,
@@ -223,7 +213,7 @@ def export_trained_model(cfg: TrainJobConfig, trained: dict[str, Tensor], *,
                 got = module(batch.seq_titles, batch.seq_images, batch.item_titles, batch.item_images)
             info["export_max_abs_diff"] = max(
                 float((getattr(got, k).float() - expected[k].float()).abs().max()) for k in ("z_t", "z_v", "e_t", "e_v"))
-        publish_dir(tmp, cfg.output_uri, endpoint=cfg.data_endpoint)
+        publish_dir(tmp, cfg.output_uri, endpoint=cfg.storage.endpoint_url)
     return info
 
 

@@ -172,7 +172,7 @@ def build_train_module(cfg: TrainJobConfig, device: torch.device, *,
         hf_ds = HfDeepSpeedConfig(zero3_config)  # must stay alive during from_pretrained (a weakref is kept)
     load_dtype = "fp32" if cfg.precision == "fp32" else cfg.precision
     backbone, processor = load_backbone(cfg.model.name, device=str(device), dtype=load_dtype,
-                                        endpoint=cfg.model.endpoint_url or cfg.data_endpoint,
+                                        endpoint=cfg.storage.endpoint_url,
                                         attn_implementation=cfg.model.attn_implementation,
                                         min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
     del hf_ds
@@ -287,9 +287,9 @@ def _maybe_inject_failure(cfg: TrainJobConfig, step: int, rank: int, world: int)
     if cfg.train.inject_failure_at_step != step or rank != world - 1:
         return
     marker = storage.join(cfg.resolved_storage_path, cfg.run_name, ".failure_injected")
-    if storage.exists(marker, endpoint=cfg.data_endpoint):
+    if storage.exists(marker, endpoint=cfg.storage.endpoint_url):
         return
-    storage.write_text(marker, f"step {step}\n", endpoint=cfg.data_endpoint)
+    storage.write_text(marker, f"step {step}\n", endpoint=cfg.storage.endpoint_url)
     log.warning("injected failure: rank %d exits after step %d", rank, step)
     os._exit(1)
 
@@ -332,7 +332,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def write_history() -> None:
         if rank == 0:
-            storage.write_text(metrics_uri, "".join(_json_line(r) for r in history), endpoint=cfg.data_endpoint)
+            storage.write_text(metrics_uri, "".join(_json_line(r) for r in history), endpoint=cfg.storage.endpoint_url)
 
     def checkpoint(metrics: dict[str, Any]) -> None:
         write_history()

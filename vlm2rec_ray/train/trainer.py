@@ -19,12 +19,12 @@ up to ``max_failures`` times.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vlm2rec_ray import storage
+from vlm2rec_ray.runtime import connect_ray
 
 if TYPE_CHECKING:
     import ray.data
@@ -37,32 +37,11 @@ __all__ = ["PROBE_ROWS", "build_trainer", "connect_ray", "run_training"]
 PROBE_ROWS = 4  # rows of the export-check / rank-agreement probe batch
 
 
-def connect_ray(address: str | None = None) -> None:
-    """Join a running cluster or start a private local one.
-
-    Args:
-        address: a cluster to join (``auto``: the one ``ray start`` runs on this machine, or
-            ``ray://host:10001``); default ``RAY_ADDRESS``, which ``ray job submit`` sets for the job's driver.
-            With neither, a private local instance is started (loopback, temp files under build/).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        ray.init(address=address)
-        return
-    from vlm2rec_ray.runtime import init_local_ray
-
-    init_local_ray()
-
-
 def _storage(cfg: TrainJobConfig) -> tuple[str, Any]:
     """Ray's ``(storage_path, storage_filesystem)``: an explicit S3 endpoint needs its own pyarrow filesystem."""
     path = cfg.resolved_storage_path
-    if storage.is_s3(path) and cfg.data_endpoint:
-        fs, stripped = storage.pyarrow_filesystem(path, endpoint=cfg.data_endpoint)
+    if storage.is_remote(path) and cfg.storage.endpoint_url:
+        fs, stripped = storage.pyarrow_filesystem(path, endpoint=cfg.storage.endpoint_url)
         return stripped, fs
     return path, None
 
@@ -124,7 +103,7 @@ def run_training(cfg: TrainJobConfig, *, progress: Callable[[str], None] = print
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    endpoint = cfg.data_endpoint
+    endpoint = cfg.storage.endpoint_url
     prepared = prepare_training_rows(cfg)
     counts = prepared.counts
     progress(f"training rows: {counts['rows']} from {counts['users']} users "

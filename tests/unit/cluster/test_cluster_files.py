@@ -1,4 +1,6 @@
-"""Every file under cluster/ parses, and holds the fields the project relies on."""
+"""Every file under cluster/ parses, and holds the fields the project relies on: S3 credentials and the Ray auth
+token from Secrets (never inline), token authentication in every Ray container, and a NetworkPolicy that admits
+only job submitters to the job API (8265) and Ray Client (10001)."""
 
 from __future__ import annotations
 
@@ -37,13 +39,32 @@ def test_parses_and_has_no_inline_secrets(path: Path) -> None:
     for key, value in _walk(docs):
         if key in {"AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "aws_secret_access_key"}:
             pytest.fail(f"{path}: credential {key} written inline; use a Kubernetes Secret or instance role")
+        if isinstance(value, dict) and value.get("name") == "RAY_AUTH_TOKEN" and "value" in value:
+            pytest.fail(f"{path}: the Ray auth token is written inline; take it from the vlm2rec-ray-auth Secret")
         if isinstance(value, str):
             assert not re.search(r"AKIA[0-9A-Z]{16}", value), f"{path}: looks like an AWS key id"
+            assert not re.search(r"RAY_AUTH_TOKEN=\S", value), f"{path}: the Ray auth token is written inline"
+
+
+AUTH_SECRET = "vlm2rec-ray-auth"
+SUBMITTER_LABEL = {"vlm2rec-ray/job-submitter": "true"}
+
+
+def _check_token_auth(pod_template: dict, where: str) -> None:
+    """Every container runs with RAY_AUTH_MODE=token and the token from the Secret."""
+    for c in _containers(pod_template):
+        env = {e["name"]: e for e in c.get("env", [])}
+        assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{where}: {c['name']} without token auth"
+        ref = env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef", {})
+        assert ref == {"name": AUTH_SECRET, "key": "auth_token"}, f"{where}: {c['name']}: token not from the Secret"
 
 
 def _check_cluster_spec(spec: dict, where: str) -> None:
     assert spec["rayVersion"] == "2.60.0", where
     head = spec["headGroupSpec"]
+    for t in [head["template"], *(g["template"] for g in spec["workerGroupSpecs"])]:
+        _check_token_auth(t, where)
+        assert t["metadata"]["labels"]["app"] == "vlm2rec-ray", f"{where}: pods outside networkpolicy.yaml"
     assert head["rayStartParams"]["num-cpus"] == "0", f"{where}: the head should not run work"
     for c in _containers(head["template"]):
         assert {"secretRef": {"name": "vlm2rec-s3"}} in c.get("envFrom", []), f"{where}: S3 creds via Secret"
@@ -74,6 +95,15 @@ def test_rayjob_train() -> None:
     assert spec["shutdownAfterJobFinishes"] is True
     yaml.safe_load(spec["runtimeEnvYAML"])
     _check_cluster_spec(spec["rayClusterSpec"], "rayjob-train")
+    _check_submitter(spec, "rayjob-train")
+
+
+def _check_submitter(spec: dict, where: str) -> None:
+    """The pod that runs `ray job submit` carries the token and the label the NetworkPolicy admits."""
+    assert spec["submissionMode"] == "K8sJobMode", where
+    submitter = spec["submitterPodTemplate"]
+    assert submitter["metadata"]["labels"] == SUBMITTER_LABEL, where
+    _check_token_auth(submitter, f"{where} submitter")
 
 
 def test_nightly_cronjob_creates_a_rayjob() -> None:
@@ -89,6 +119,27 @@ def test_nightly_cronjob_creates_a_rayjob() -> None:
     assert rayjob["kind"] == "RayJob" and rayjob["metadata"]["generateName"].endswith("-")
     assert rayjob["spec"]["entrypoint"].startswith("python jobs/nightly.py")
     _check_cluster_spec(rayjob["spec"]["rayClusterSpec"], "nightly rayjob")
+    _check_submitter(rayjob["spec"], "nightly rayjob")
+
+
+def test_network_policy_admits_only_submitters_to_the_job_api() -> None:
+    (doc,) = _docs(CLUSTER / "kuberay" / "networkpolicy.yaml")
+    assert doc["kind"] == "NetworkPolicy" and doc["spec"]["policyTypes"] == ["Ingress"]
+    assert doc["spec"]["podSelector"] == {"matchLabels": {"app": "vlm2rec-ray"}}
+    for rule in doc["spec"]["ingress"]:
+        sources = rule["from"]
+        assert sources, "a rule without `from` admits everyone"
+        if "ports" not in rule:  # every port: only the cluster's own pods
+            assert sources == [{"podSelector": {"matchLabels": {"app": "vlm2rec-ray"}}}], rule
+            continue
+        assert sorted(p["port"] for p in rule["ports"]) == [8265, 10001], rule
+        for src in sources:
+            labels = src["podSelector"]["matchLabels"]
+            assert labels == SUBMITTER_LABEL or labels == {"app.kubernetes.io/name": "kuberay-operator"}, src
+            assert "ipBlock" not in src
+    # the cluster files point people at it
+    for name in ("raycluster.yaml", "rayjob-train.yaml", "nightly-cronjob.yaml"):
+        assert "networkpolicy.yaml" in (CLUSTER / "kuberay" / name).read_text(), name
 
 
 def test_ray_up_file() -> None:
@@ -99,6 +150,12 @@ def test_ray_up_file() -> None:
     assert all("IamInstanceProfile" in t["node_config"] for t in types.values()), "S3 access via instance role"
     assert sum(t.get("max_workers", 0) for t in types.values()) >= doc["max_workers"]
     assert any(t["node_config"]["InstanceType"].startswith(("g5", "p4d", "p5")) for t in types.values())
+    # token auth: the token file comes from the submitter's machine, every `ray start` runs in token mode, and the
+    # job API listens on the head's loopback (reached through `ray dashboard`'s SSH tunnel)
+    assert doc["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    starts = [c for c in doc["head_start_ray_commands"] + doc["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all(c.startswith("RAY_AUTH_MODE=token ray start") for c in starts), starts
+    assert "--dashboard-host=127.0.0.1" in starts[0]
 
 
 def test_runtime_env() -> None:

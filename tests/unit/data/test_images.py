@@ -35,7 +35,7 @@ def _bomb_png(w: int, h: int) -> bytes:
 
 def test_reason_codes_are_the_contract() -> None:
     assert REASONS == ("missing", "denied", "too_large", "empty", "corrupt", "not_image", "decompression_bomb",
-                       "outside_root", "io_error", "empty_title")
+                       "outside_root", "io_error", "empty_title", "blocked_address")
 
 
 def test_decode_rgb_and_resize_into_bounds() -> None:
@@ -132,3 +132,95 @@ def test_jpeg_draft_keeps_quality_for_big_photos() -> None:
     im, _ = decode_image(encode_image(big, "JPEG"), min_pixels=56 * 56, max_pixels=224 * 224)
     r, g, b = im.getpixel((10, 10))
     assert abs(r - 200) < 6 and abs(g - 100) < 6 and abs(b - 50) < 6
+
+
+class _Server:
+    """An HTTP server on 127.0.0.1 that records every request; ``/r`` redirects to ``redirect_to``."""
+
+    def __init__(self, redirect_to: str = "") -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                outer.requests.append(self.path)
+                if self.path == "/r":
+                    self.send_response(302)
+                    self.send_header("Location", redirect_to)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                body = _png(8, 8)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_http_is_off_unless_a_root_allows_it_and_private_hosts_are_refused(tmp_path: Path) -> None:
+    srv = _Server()
+    try:
+        url = f"{srv.url}/img.png"
+        # A job's default roots are its dataset's prefix: an http(s) URL is outside them, and nothing is requested.
+        assert fetch_image_bytes(url, allowed_roots=[str(tmp_path)]) == (None, "outside_root")
+        assert fetch_image_bytes(url, allowed_roots=[f"{srv.url}/other/"]) == (None, "outside_root")
+        # Allowed explicitly, but the host is loopback: refused before connecting.
+        assert fetch_image_bytes(url, allowed_roots=[srv.url]) == (None, "blocked_address")
+        assert srv.requests == []
+        # The escape hatch (tests, on-prem mirrors) lets it through.
+        data, reason = fetch_image_bytes(url, allowed_roots=[srv.url], allow_private_addresses=True)
+        assert reason is None and data == _png(8, 8) and srv.requests == ["/img.png"]
+        assert fetch_image_bytes(url)[1] is None  # no roots at all: `prepare images` on a public dump, as before
+    finally:
+        srv.close()
+
+
+def test_redirects_never_leave_the_origin(tmp_path: Path) -> None:
+    target = _Server()
+    hop = _Server(redirect_to=f"{target.url}/secret.png")
+    same = _Server()
+    try:
+        kw = {"allowed_roots": [hop.url, target.url], "allow_private_addresses": True}
+        assert fetch_image_bytes(f"{hop.url}/r", **kw) == (None, "outside_root")  # another host:port, both allowed
+        assert hop.requests == ["/r"] and target.requests == []  # the redirect was not followed
+        same_hop = _Server(redirect_to="/img.png")  # a redirect on the same origin is followed
+        try:
+            data, reason = fetch_image_bytes(f"{same_hop.url}/r", allowed_roots=[same_hop.url],
+                                             allow_private_addresses=True)
+            assert reason is None and data == _png(8, 8) and same_hop.requests == ["/r", "/img.png"]
+        finally:
+            same_hop.close()
+        assert fetch_image_bytes(f"{hop.url}/r")[1] is None and target.requests == ["/secret.png"]  # unrestricted
+    finally:
+        for s in (target, hop, same):
+            s.close()
+
+
+@pytest.mark.parametrize("ip", ["127.0.0.1", "10.1.2.3", "192.168.0.7", "172.16.5.4", "169.254.169.254", "100.64.0.1",
+                                "0.0.0.0", "::1", "fd00:ec2::254", "::ffff:127.0.0.1", "224.0.0.1"])
+def test_non_public_addresses_are_refused(ip: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from vlm2rec_ray.data import images
+
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, 80))])
+    assert images._blocked("metadata.internal", 80)[1] is True
+    assert fetch_image_bytes("http://metadata.internal/latest/", allowed_roots=["http://metadata.internal/"]) == (
+        None, "blocked_address")
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [(socket.AF_INET, socket.SOCK_STREAM, 6, "",
+                                                                 ("93.184.216.34", 80))])
+    assert images._blocked("example.com", 80) == ("93.184.216.34", False)

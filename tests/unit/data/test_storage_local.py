@@ -1,4 +1,4 @@
-"""storage.py on local paths: read/write/list/exists/delete, root confinement, Parquet helpers."""
+"""The storage layer on local paths (the local backend): read/write/list/exists/delete, root confinement, Parquet helpers."""
 
 from __future__ import annotations
 
@@ -49,8 +49,9 @@ def test_local_paths_cannot_escape_root(tmp_path: Path) -> None:
     for bad in ("../secret", "sub/../../secret", str(tmp_path / "secret")):
         with pytest.raises(ValueError, match="outside the allowed root"):
             storage.resolve_local(bad, root)
-    with pytest.raises(ValueError, match="outside the allowed root"):
-        storage.read_bytes("../secret", root=str(root))
+    assert storage.is_under(str(root / "sub" / "f"), str(root)) and not storage.is_under(str(tmp_path / "secret"), str(root))
+    (root / "link").symlink_to(tmp_path / "secret")
+    assert not storage.is_under(str(root / "link"), str(root))  # compared resolved: a symlink cannot escape
 
 
 def test_parquet_round_trip_and_missing(tmp_path: Path) -> None:
@@ -63,11 +64,13 @@ def test_parquet_round_trip_and_missing(tmp_path: Path) -> None:
 
 
 def test_s3_uri_parsing_and_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert storage.parse_s3("s3://bkt/a/b.png") == storage.S3Location("bkt", "a/b.png")
+    from vlm2rec_ray.storage.s3 import split
+
+    assert split("s3://bkt/a/b.png") == ("bkt", "a/b.png")
     with pytest.raises(ValueError, match="bucket"):
-        storage.parse_s3("s3://x/y")
+        storage.check_uri("s3://x/y")
     with pytest.raises(ValueError, match="not an s3"):
-        storage.parse_s3("/local")
+        split("/local")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     assert storage.endpoint_url() == "http://127.0.0.1:1"

@@ -38,8 +38,9 @@ def item_opts(catalog_uri: str, **extra: object) -> dict:
     """Options of the CPU stage as the pipeline builds them (see RunPlan.opts)."""
     from vlm2rec_ray.model.tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS
 
-    opts = {"mode": "encode", "catalog_uri": catalog_uri, "source_is_s3": False, "endpoint": None,
-            "max_image_bytes": 20_000_000, "allowed_roots": [], "fetch_threads": 4, "min_pixels": TINY_MIN_PIXELS,
+    opts = {"mode": "encode", "dim": 64, "catalog_uri": catalog_uri, "sources": {}, "endpoint": None,
+            "max_image_bytes": 20_000_000, "allowed_roots": [str(Path(catalog_uri).parent)],
+            "allow_private_addresses": False, "fetch_threads": 4, "min_pixels": TINY_MIN_PIXELS,
             "max_pixels": TINY_MAX_PIXELS, "max_history": 10, "fingerprint": "fp-test", "catalog": None}
     opts.update(extra)
     return opts

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from vlm2rec_ray.config import EmbedJobConfig, load_config
-from vlm2rec_ray.embed import pipeline
+from vlm2rec_ray.embed import plan as pipeline
 
 
 def _cfg(*extra: str) -> EmbedJobConfig:
@@ -25,7 +25,7 @@ def test_resolve_paths_makes_local_paths_absolute(tmp_path: Path, monkeypatch: p
     assert cfg.output_uri == str(tmp_path / "out") and cfg.dataset_uri == str(tmp_path / "data")
     assert cfg.catalog_uri == str(tmp_path / "data" / "catalog.jsonl")
     assert cfg.model.name == "Qwen/Qwen2.5-VL-3B-Instruct"  # a hub id (no such local dir) stays as it is
-    assert cfg.endpoint_url is None
+    assert cfg.storage.endpoint_url is None
 
     cfg = pipeline.resolve_paths(_cfg("model.name=model", "output_uri=s3://bkt/emb", "dataset_uri=s3://bkt/ds"))
     assert cfg.model.name == str(tmp_path / "model")
@@ -35,13 +35,15 @@ def test_resolve_paths_makes_local_paths_absolute(tmp_path: Path, monkeypatch: p
 
 def test_resolve_paths_pins_the_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-    assert pipeline.resolve_paths(_cfg()).endpoint_url == "http://127.0.0.1:9"
-    # An explicit endpoint (or the model's) wins over the environment.
-    assert pipeline.resolve_paths(_cfg("endpoint_url=http://s3.local")).endpoint_url == "http://s3.local"
-    assert pipeline.resolve_paths(_cfg("model.endpoint_url=http://m.local")).endpoint_url == "http://m.local"
+    assert pipeline.resolve_paths(_cfg()).storage.endpoint_url == "http://127.0.0.1:9"
+    # An explicit endpoint wins over the environment (the old keys endpoint_url / model.endpoint_url still map to it).
+    for setting in ("storage.endpoint_url", "endpoint_url", "model.endpoint_url"):
+        assert pipeline.resolve_paths(_cfg(f"{setting}=http://s3.local")).storage.endpoint_url == "http://s3.local"
 
 
-def test_ensure_ray_joins_the_cluster_at_ray_address(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_connect_ray_joins_the_cluster_at_ray_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embed job (like train) uses the running Ray, else RAY_ADDRESS (as under `ray job submit`), else a
+    private local instance."""
     import ray
 
     import vlm2rec_ray.runtime as runtime
@@ -50,17 +52,18 @@ def test_ensure_ray_joins_the_cluster_at_ray_address(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda *a, **k: calls.append(("init", a, k)))
     monkeypatch.setattr(runtime, "init_local_ray", lambda *a, **k: calls.append(("local", a, k)))
+    assert pipeline.connect_ray is runtime.connect_ray
 
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
-    pipeline.ensure_ray()
-    assert calls == [("init", (), {})]  # ray.init() reads RAY_ADDRESS itself (as under `ray job submit`)
+    pipeline.connect_ray()
+    assert calls == [("init", (), {"address": "http://127.0.0.1:8265"})]
 
     calls.clear()
     monkeypatch.delenv("RAY_ADDRESS")
-    pipeline.ensure_ray()
+    pipeline.connect_ray()
     assert calls == [("local", (), {})]
 
     calls.clear()
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
-    pipeline.ensure_ray()
+    pipeline.connect_ray()
     assert calls == []

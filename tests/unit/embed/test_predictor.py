@@ -16,7 +16,8 @@ import torch
 
 from tests.unit.embed.helpers import item_opts, write_catalog
 from vlm2rec_ray.embed import preprocess as pre
-from vlm2rec_ray.embed.predictor import BatchEncoder, sink_row_schema
+from vlm2rec_ray.embed.predictor import BatchEncoder
+from vlm2rec_ray.embed.schema import row_schema
 from vlm2rec_ray.model.backbone import load_backbone
 from vlm2rec_ray.model.encoder import VLM2RecEncoder
 
@@ -50,7 +51,7 @@ def _emb(out: pa.Table) -> dict[str, np.ndarray]:
 def test_sink_rows_dedup_and_failures(encoder: VLM2RecEncoder, rows: pa.Table) -> None:
     core = BatchEncoder(encoder, batch_size=8)
     out = core.embed_table(rows)
-    assert out.schema == sink_row_schema(64) and out.num_rows == rows.num_rows
+    assert out.schema == row_schema(64) and out.num_rows == rows.num_rows
     status = dict(zip(out.column("key").to_pylist(), out.column("status").to_pylist(), strict=True))
     assert status.pop("broken") == "failed" and set(status.values()) == {"encoded"}
     ok = rows.filter(pa.compute.equal(rows.column("status"), "encode"))

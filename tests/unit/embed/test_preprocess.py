@@ -12,7 +12,7 @@ from tests.unit.embed.helpers import item_opts, random_image, write_catalog
 from vlm2rec_ray.data.images import encode_image
 from vlm2rec_ray.embed import incremental as inc
 from vlm2rec_ray.embed import preprocess as pre
-from vlm2rec_ray.embed.schema import fixed_size_list
+from vlm2rec_ray.embed.schema import errors_table, fixed_size_list, row_schema
 
 
 def _catalog(tmp_path: Path) -> tuple[Path, pa.Table]:
@@ -32,7 +32,7 @@ def _catalog(tmp_path: Path) -> tuple[Path, pa.Table]:
 def test_prepare_items_reasons_and_keys(tmp_path: Path) -> None:
     cat, table = _catalog(tmp_path)
     out = pre.prepare_items(table, opts=item_opts(str(cat)))
-    assert out.schema == pre.ENCODE_ROW_SCHEMA and out.num_rows == table.num_rows  # nothing dropped
+    assert out.schema == row_schema(64) and out.num_rows == table.num_rows  # nothing dropped
     rows = {r["key"] if r["key"] else "<blank>": r for r in out.to_pylist()}
     reasons = {k: r["reason"] for k, r in rows.items() if r["status"] == "failed"}
     assert reasons == {"bad-missing": "missing", "bad-corrupt": "corrupt", "bad-notimage": "not_image",
@@ -56,7 +56,7 @@ def test_prepare_items_reasons_and_keys(tmp_path: Path) -> None:
 def test_scan_mode_classifies_against_previous(tmp_path: Path) -> None:
     cat, table = _catalog(tmp_path)
     first = pre.prepare_items(table, opts=item_opts(str(cat), mode="scan"))
-    assert first.schema == pre.SCAN_ROW_SCHEMA and "pixels" not in first.column_names
+    assert first.schema == row_schema(64) and first.column("pixels").null_count == first.num_rows  # nothing decoded
     assert set(first.column("status").to_pylist()) == {"new", "failed"}
     ok = first.filter(pa.compute.equal(first.column("status"), "new"))
     index = inc.KeyIndex.build(ok.column("key").to_pylist(), ok.column("content_hash").to_pylist())
@@ -89,7 +89,7 @@ def test_prepare_sequences(tmp_path: Path) -> None:
     assert (rows["u5"]["reason"], rows["u5"]["failed_item_id"]) == ("corrupt", "bad-corrupt")
 
 
-def test_sink_rows_and_carry_filter(tmp_path: Path) -> None:
+def test_carry_filter_and_failed_scan_rows(tmp_path: Path) -> None:
     import numpy as np
 
     dim = 4
@@ -103,10 +103,10 @@ def test_sink_rows_and_carry_filter(tmp_path: Path) -> None:
     assert out.column("embedded_at")[0].value == 5  # the original embedding time is kept
     scan = pre.prepare_items(pa.table({"item_id": ["x"], "title": [""], "image_uri": ["nope.png"]}),
                              opts=item_opts(str(tmp_path / "c.parquet"), mode="scan"))
-    failed = pre.to_sink_rows(scan, source="failed", dim=dim)
-    assert failed.column("reason").to_pylist() == ["empty_title"] and failed.column("emb_fused").null_count == 1
-    with pytest.raises(ValueError, match="unknown sink row source"):
-        pre.to_sink_rows(scan, source="other", dim=dim)
+    # A failed scan row is already a row of the contract: it goes to the errors table as it is.
+    failed = errors_table(scan, kind="items", model_version="v", failed_at=0)
+    assert failed.column("reason").to_pylist() == ["empty_title"] and failed.column("item_id").to_pylist() == ["x"]
+    assert scan.column("emb_fused").null_count == 1 and scan.column("status").to_pylist() == ["failed"]
 
 
 def test_conform_batch_keeps_path() -> None:

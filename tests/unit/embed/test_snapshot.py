@@ -27,7 +27,7 @@ def _table(ids: list[str], value: float) -> pa.Table:
 
 
 def _write_run(root: Path, dt: str, run_id: str, parts: list[pa.Table]) -> dict:
-    run = Path(snap.run_uri(str(root), dt, run_id))
+    run = Path(snap.SnapshotRun(str(root), dt, run_id).uri)
     run.mkdir(parents=True)
     files = []
     for i, t in enumerate(parts):
@@ -37,13 +37,17 @@ def _write_run(root: Path, dt: str, run_id: str, parts: list[pa.Table]) -> dict:
             "error_files": [], "num_rows": sum(t.num_rows for t in parts), "schema": {"embedding_dim": DIM}}
 
 
+def _publish(root: str | Path, dt: str, manifest: dict) -> dict | None:
+    return snap.SnapshotRun(str(root), dt, manifest["run_id"]).publish(manifest)
+
+
 def test_manifest_is_the_snapshot(tmp_path: Path) -> None:
     root = tmp_path / "items"
     m1 = _write_run(root, "2026-01-01", "r1", [_table(["a", "b"], 1.0), _table(["c"], 1.0)])
     # Before the manifest exists the run is invisible: a half-written run is never read.
     with pytest.raises(FileNotFoundError, match="run in progress or a failed run"):
         snap.read_embeddings(str(root))
-    assert snap.publish_manifest(str(root), "2026-01-01", m1) is None
+    assert _publish(str(root), "2026-01-01", m1) is None
     t = snap.read_embeddings(str(root))
     assert t.num_rows == 3 and t.schema == item_schema(DIM)
     # Plain pyarrow reads the files the manifest lists, and the dataset (it skips _manifest.json, _errors).
@@ -62,12 +66,12 @@ def test_manifest_is_the_snapshot(tmp_path: Path) -> None:
 
 def test_same_day_rerun_swaps_and_deletes_the_old_run(tmp_path: Path) -> None:
     root = str(tmp_path / "items")
-    snap.publish_manifest(root, "2026-01-01", _write_run(tmp_path / "items", "2026-01-01", "r1", [_table(["a", "b"], 1.0)]))
+    _publish(root, "2026-01-01", _write_run(tmp_path / "items", "2026-01-01", "r1", [_table(["a", "b"], 1.0)]))
     # A failed run of the same day leaves a status file and is cleaned by the next publish.
     _write_run(tmp_path / "items", "2026-01-01", "rX", [_table(["zz"], 9.0)])
-    snap.mark_run_failed(root, "2026-01-01", "rX", {"error": "too many failures"})
+    snap.SnapshotRun(root, "2026-01-01", "rX").fail({"error": "too many failures"})
     m2 = _write_run(tmp_path / "items", "2026-01-01", "r2", [_table(["a", "b"], 2.0)])
-    old = snap.publish_manifest(root, "2026-01-01", m2)
+    old = _publish(root, "2026-01-01", m2)
     assert old is not None and old["run_id"] == "r1"
     part = tmp_path / "items" / "dt=2026-01-01"
     assert sorted(p.name for p in part.iterdir()) == ["_manifest.json", "run=r2"]
@@ -80,7 +84,7 @@ def test_same_day_rerun_swaps_and_deletes_the_old_run(tmp_path: Path) -> None:
 def test_latest_and_plain_partitions(tmp_path: Path) -> None:
     root = tmp_path / "items"
     for dt, v in (("2026-01-01", 1.0), ("2026-01-03", 3.0)):
-        snap.publish_manifest(str(root), dt, _write_run(root, dt, f"r{v:g}", [_table(["a"], v)]))
+        _publish(str(root), dt, _write_run(root, dt, f"r{v:g}", [_table(["a"], v)]))
     # A partition written by another tool (no manifest, files directly inside) is a plain snapshot.
     (root / "dt=2026-01-02").mkdir()
     pq.write_table(_table(["a", "b"], 2.0), root / "dt=2026-01-02" / "part-0.parquet")
@@ -98,7 +102,7 @@ def test_empty_snapshot_and_errors(tmp_path: Path) -> None:
     root = str(tmp_path / "items")
     m = {"format": snap.MANIFEST_FORMAT, "kind": "items", "dt": "2026-01-01", "run_id": "r0", "files": [],
          "error_files": [], "num_rows": 0, "schema": {"embedding_dim": DIM}}
-    snap.publish_manifest(root, "2026-01-01", m)
+    _publish(root, "2026-01-01", m)
     t = snap.read_embeddings(root)
     assert t.num_rows == 0 and t.schema == item_schema(DIM)
     assert snap.read_errors(root).num_rows == 0

@@ -52,7 +52,7 @@ def test_tiny_yaml_and_presets_load() -> None:
     (["lora.enabled=false"], r"nothing to train: lora\.enabled=false.*enable LoRA"),
     (["model.fusion=internal"], r"model\.fusion='internal' with objective\.variant='vlm2rec'.*objective\.variant=sft"),
     (["run_name=a/b"], r"run_name='a/b' must be 1-128 letters"),
-    (["output_uri=s3://x"], r"output_uri='s3://x' has no valid bucket; write s3://<bucket>/<prefix>"),
+    (["output_uri=s3://x"], r"output_uri='s3://x' is not a valid location \(invalid S3 bucket .*\); write e.g. output_uri=s3://"),
     (["train.lr=0"], r"train\.lr: Input should be greater than 0 \(got 0\)"),
     (["train.epochs=0"], r"train\.epochs: Input should be greater than or equal to 1 \(got 0\)"),
     (["data.few_shot_users=0"], r"data\.few_shot_users: Input should be greater than or equal to 1 \(got 0\)"),

@@ -92,3 +92,16 @@ def test_steps_per_epoch_is_equal_on_every_worker(dataset: Path) -> None:
     assert steps_per_epoch(35, cfg) == 2  # 17 rows per worker -> 4 micro-batches -> 2 optimizer steps
     with pytest.raises(ValueError, match=r"15 training rows are fewer than one optimizer step needs .* = 16"):
         steps_per_epoch(15, cfg)
+
+
+def test_training_images_default_to_the_datasets_own_prefix(dataset: Path, tmp_path: Path) -> None:
+    """The training job reads images under its dataset only, unless storage.allowed_roots lists more."""
+    outside = tmp_path / "outside.png"
+    shutil.copy(next((dataset / "images").glob("*.png")), outside)
+    kw = _image_kwargs(_cfg(dataset))
+    assert kw["allowed_roots"] == [str(dataset.resolve())] and kw["allow_private_addresses"] is False
+    inside = str(next((dataset / "images").glob("*.png")))
+    batch = pa.table({"item_id": ["in", "out", "web"], "image_uri": [inside, str(outside), "http://127.0.0.1:9/a.png"]})
+    assert _check_batch(batch, **kw).column("reason").to_pylist() == [None, "outside_root", "outside_root"]
+    kw = _image_kwargs(_cfg(dataset, f'storage.allowed_roots=["{dataset}", "{tmp_path}"]'))
+    assert _check_batch(batch, **kw).column("reason").to_pylist() == [None, None, "outside_root"]

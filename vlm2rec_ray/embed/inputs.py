@@ -1,0 +1,175 @@
+"""Inputs of an embed run: which files, what they hold (the census), the model's size, the catalog lookup.
+
+Everything here runs before any image is fetched: a missing file, a missing column or a duplicate id fails the
+run in seconds with nothing written. Rows reach the pipeline through Ray Data's own readers
+(:func:`read_rows`: ``read_parquet`` / ``read_json`` over the store's pyarrow filesystem).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from vlm2rec_ray import storage
+from vlm2rec_ray.embed import incremental
+from vlm2rec_ray.embed.schema import KEY_COLUMN
+
+if TYPE_CHECKING:  # census and catalog_lookup run in Ray tasks: their workers import only what they use
+    import ray.data
+
+    from vlm2rec_ray.config import EmbedJobConfig
+    from vlm2rec_ray.embed.preprocess import CatalogLookup
+
+JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")
+REQUIRED = {"items": ("item_id", "title", "image_uri"), "sequences": ("user_id", "history", "target")}
+
+
+def source_files(uri: str, *, endpoint: str | None = None, default_file: str | None = "catalog.parquet"
+                 ) -> tuple[str, list[str]]:
+    """``(format, files)`` of a catalog/split given as a file, a dataset dir/prefix (picks ``default_file``)
+    or a prefix of Parquet or JSONL files.
+
+    Raises:
+        FileNotFoundError: nothing readable there.
+        ValueError: a prefix that mixes Parquet and JSON files.
+    """
+    low = uri.lower()
+    if low.endswith((".parquet", *JSON_SUFFIXES)):
+        if not storage.exists(uri, endpoint=endpoint):
+            raise FileNotFoundError(f"{uri} not found; check the path and the S3 endpoint")
+        return ("parquet" if low.endswith(".parquet") else "json"), [uri]
+    if default_file and storage.exists(storage.join(uri, default_file), endpoint=endpoint):
+        return "parquet", [storage.join(uri, default_file)]
+    try:
+        listed = storage.list_uris(uri, endpoint=endpoint)
+    except storage.StorageError as e:
+        raise FileNotFoundError(f"cannot list {uri}: {e}") from e
+    root = storage.absolute(uri).rstrip("/")
+    visible = [f for f in listed if not any(p.startswith((".", "_")) for p in f[len(root):].split("/"))]
+    parquet = [f for f in visible if f.lower().endswith(".parquet")]
+    jsons = [f for f in visible if f.lower().endswith(JSON_SUFFIXES)]
+    if parquet and jsons:
+        raise ValueError(f"{uri} holds both Parquet and JSON files; point the URI at one format")
+    if not parquet and not jsons:
+        raise FileNotFoundError(f"no Parquet or JSONL files at {uri}; pass a catalog file, a dataset dir with "
+                                f"{default_file}, or a prefix of Parquet/JSONL files")
+    return ("parquet", parquet) if parquet else ("json", jsons)
+
+
+def read_rows(files: list[str], fmt: str, *, endpoint: str | None, columns: list[str] | None = None,
+              include_paths: bool = False) -> ray.data.Dataset:
+    """A Ray Dataset of the files' rows (Ray Data's readers over the store's pyarrow filesystem; ``path`` is the
+    file's path in that filesystem, see :func:`fs_paths`)."""
+    import ray.data
+
+    fs, _ = storage.pyarrow_filesystem(files[0], endpoint=endpoint)
+    paths = list(fs_paths(files, endpoint))
+    if fmt == "parquet":
+        return ray.data.read_parquet(paths, filesystem=fs, columns=columns, include_paths=include_paths,
+                                     partitioning=None, file_extensions=None)
+    return ray.data.read_json(paths, filesystem=fs, include_paths=include_paths, partitioning=None,
+                              file_extensions=None)
+
+
+def fs_paths(files: list[str], endpoint: str | None) -> dict[str, str]:
+    """``{path in the store's pyarrow filesystem: URI}`` (what Ray Data's ``path`` column holds -> the file)."""
+    return {storage.pyarrow_filesystem(f, endpoint=endpoint)[1]: f for f in files}
+
+
+def census(files: list[str], fmt: str, kind: str, endpoint: str | None) -> dict[str, Any]:
+    """Rows, blank keys and duplicate keys of the input, reading only the key column (runs in a Ray task).
+
+    Raises:
+        ValueError: a required column is missing, or the key column is not a string (names the file and column).
+    """
+    key = KEY_COLUMN[kind]
+
+    def key_batches() -> Any:
+        for f in files:
+            if fmt == "parquet":
+                with storage.open_parquet(f, endpoint=endpoint) as pf:
+                    names = pf.schema_arrow.names
+                    missing = [c for c in REQUIRED[kind] if c not in names]
+                    if missing:
+                        raise ValueError(f"{f} is missing required column(s) {missing}; it has {names}. "
+                                         f"Expected columns: {list(REQUIRED[kind])}")
+                    typ = pf.schema_arrow.field(key).type
+                    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_dictionary(typ)):
+                        raise ValueError(f"{f}: column {key!r} has type {typ}, expected string; write ids as strings")
+                    for b in pf.iter_batches(columns=[key], batch_size=65_536):
+                        yield b.column(0).cast(pa.string()).to_pylist()
+            elif kind != "items":
+                raise ValueError(f"{f}: sequences read Parquet splits (<dataset>/splits/<split>.parquet)")
+            else:
+                from vlm2rec_ray.data.catalog import read_catalog
+
+                yield read_catalog(f, endpoint=endpoint).column(key).to_pylist()  # names a bad row, column, value
+
+    rows = blank = 0
+    keys: list[np.ndarray] = []
+    for ids in key_batches():
+        rows += len(ids)
+        blank += sum(1 for i in ids if i is None or not i.strip())
+        keys.append(incremental.id_keys(ids))
+    allk = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+    uniq, counts = np.unique(allk[allk != 0], return_counts=True)
+    dup_keys = set(uniq[counts > 1].tolist())
+    examples: dict[str, int] = {}
+    for ids in key_batches() if dup_keys else ():
+        for i, k in zip(ids, incremental.id_keys(ids).tolist(), strict=True):
+            if k in dup_keys:
+                examples[i] = examples.get(i, 0) + 1
+    dups = sorted(k for k, v in examples.items() if v > 1)
+    return {"rows": rows, "blank_keys": blank, "duplicates": len(dups), "duplicate_examples": dups[:5]}
+
+
+def catalog_lookup(files: list[str], endpoint: str | None) -> CatalogLookup:
+    """The catalog as a :class:`~vlm2rec_ray.embed.preprocess.CatalogLookup` (runs in a Ray task; shared
+    through the object store)."""
+    from vlm2rec_ray.data.catalog import read_catalog, resolve_image_uri
+    from vlm2rec_ray.embed.preprocess import CatalogLookup
+
+    ids: list[str] = []
+    titles: list[str | None] = []
+    uris: list[str | None] = []
+    for f in files:
+        t = read_catalog(f, endpoint=endpoint)
+        ids += t.column("item_id").to_pylist()
+        titles += t.column("title").to_pylist()
+        uris += [None if (u is None or not u.strip()) else resolve_image_uri(u, f)
+                 for u in t.column("image_uri").to_pylist()]
+    return CatalogLookup(ids, titles, uris)
+
+
+def embedding_dim(cfg: EmbedJobConfig) -> int:
+    """The backbone's hidden size from its ``config.json`` (no weights loaded)."""
+    name = cfg.model.name
+    if storage.is_remote(name):
+        conf = json.loads(storage.read_text(storage.join(name, "config.json"), endpoint=cfg.storage.endpoint_url))
+    elif os.path.isdir(os.path.expanduser(name)):
+        path = os.path.join(os.path.expanduser(name), "config.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"model directory {name!r} has no config.json; point model.name at a "
+                                    "save_pretrained directory")
+        with open(path) as fh:
+            conf = json.load(fh)
+    else:
+        from transformers import AutoConfig
+
+        try:
+            conf = AutoConfig.from_pretrained(name).to_dict()
+        except (OSError, ValueError) as e:
+            raise FileNotFoundError(f"model.name={name!r} is not a local directory, an object-store prefix or a hub "
+                                    f"id that can be loaded here ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                                    "point model.name at a save_pretrained directory") from e
+    dim = (conf.get("text_config") or {}).get("hidden_size") or conf.get("hidden_size")
+    if not dim:
+        raise ValueError(f"cannot find hidden_size in the config of model {name!r}")
+    return int(dim)
+
+
+__all__ = ["catalog_lookup", "census", "embedding_dim", "fs_paths", "read_rows", "source_files"]

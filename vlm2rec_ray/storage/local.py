@@ -1,0 +1,71 @@
+"""Local paths (and ``file://`` URIs): pyarrow's LocalFileSystem, with writes to a temporary name beside the
+target renamed into place (atomic: a reader never sees a partial file)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vlm2rec_ray.storage.base import Backend, arrow_errors
+
+if TYPE_CHECKING:
+    import pyarrow.fs
+
+
+def resolve_local(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> Path:
+    """Resolve a local path; with ``root``, relative paths are taken under it and may not escape it.
+
+    Raises:
+        ValueError: the path resolves outside ``root`` (``..``, a symlink, an absolute path elsewhere).
+    """
+    p = Path(str(path).removeprefix("file://")).expanduser()
+    if root is None:
+        return p.resolve()
+    root_p = Path(str(root).removeprefix("file://")).expanduser().resolve()
+    full = (p if p.is_absolute() else root_p / p).resolve()
+    if full != root_p and root_p not in full.parents:
+        raise ValueError(f"path {str(path)!r} resolves to {str(full)!r}, outside the allowed root {str(root_p)!r}; "
+                         "use a path inside the root (no '..')")
+    return full
+
+
+def temp_beside(dest: Path) -> Path:
+    """A temporary name next to ``dest`` (its directory created): same directory, so ``os.replace`` is atomic."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+
+
+class LocalBackend(Backend):
+    """A POSIX filesystem (also what a shared mount, NFS or FSx, looks like to every node)."""
+
+    def filesystem(self, uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
+        import pyarrow.fs as pafs
+
+        return pafs.LocalFileSystem(), str(resolve_local(uri))
+
+    def absolute(self, uri: str) -> str:
+        return str(resolve_local(uri))
+
+    def contains(self, root: str, uri: str) -> bool:
+        try:
+            resolve_local(uri, root)
+        except ValueError:
+            return False
+        return True
+
+    def write(self, uri: str, data: bytes) -> None:
+        tmp = temp_beside(resolve_local(uri))
+        tmp.write_bytes(data)
+        os.replace(tmp, resolve_local(uri))
+
+    def upload(self, path: str, uri: str) -> None:
+        tmp = temp_beside(resolve_local(uri))
+        try:
+            with arrow_errors(path):
+                shutil.copyfile(path, tmp)
+            os.replace(tmp, resolve_local(uri))
+        finally:
+            tmp.unlink(missing_ok=True)
