@@ -53,13 +53,26 @@ class ModelConfig(_Part):
 
 
 class LoraConfig(_Part):
-    """PEFT LoRA on the language model's attention projections (paper defaults r=16, alpha=32, dropout 0.2)."""
+    """Adapters on the language model's attention projections (paper defaults r=16, alpha=32, dropout 0.2).
+
+    ``kind``: ``lora`` (PEFT LoRA) or ``moda`` (SDA's Modality-Disentangled Adaptation: rank r split into
+    ``num_experts`` experts mixed by a per-layer modality gate; :mod:`vlm2rec_ray.model.moda`).
+    """
 
     enabled: bool = True
+    kind: Literal["lora", "moda"] = "lora"
     r: int = Field(16, gt=0)
     alpha: int = Field(32, gt=0)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    num_experts: int = Field(8, ge=1, description="MoDA experts (SDA paper: 8); lora.r must be a multiple")
     target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)$"
+
+    @model_validator(mode="after")
+    def _experts(self) -> LoraConfig:
+        if self.kind == "moda" and self.r % self.num_experts:
+            raise ValueError(f"lora.kind=moda splits lora.r={self.r} over lora.num_experts={self.num_experts} "
+                             "experts, which needs r divisible by num_experts; e.g. r=16 with num_experts=8 or 4")
+        return self
 
     @field_validator("target_modules")
     @classmethod
@@ -73,7 +86,7 @@ class LoraConfig(_Part):
 
 #: The built-in variants; ``objective.variant`` is checked against the registry itself
 #: (:data:`vlm2rec_ray.objectives.OBJECTIVES`), which :func:`~vlm2rec_ray.objectives.register_objective` extends.
-OBJECTIVE_VARIANTS = ("sft", "vlm2rec", "wpcl", "no_stop_grad", "no_penalty", "no_crtr", "vlm2rec_teacher")
+OBJECTIVE_VARIANTS = ("sft", "vlm2rec", "wpcl", "no_stop_grad", "no_penalty", "no_crtr", "vlm2rec_teacher", "cmsa")
 
 
 class ObjectiveConfig(_Part):
@@ -82,7 +95,8 @@ class ObjectiveConfig(_Part):
     ``variant``: ``sft`` (plain fused InfoNCE), ``vlm2rec`` (WPCL + lambda * CRTR), ``wpcl`` / ``no_crtr``
     (WPCL alone), ``no_stop_grad`` (VLM2Rec without the stop-gradient on the strong modality),
     ``no_penalty`` (VLM2Rec with w_pen = 1, i.e. InfoNCE + CRTR); ``vlm2rec_teacher`` (not the paper's: CRTR
-    one-way, each row's stronger modality a stop-gradient teacher).
+    one-way, each row's stronger modality a stop-gradient teacher); ``cmsa`` (SDA's Cross-Modal Structural
+    Alignment on the items' text vs image embeddings, temperature ``tau_cmsa``, learnable by default).
     """
 
     variant: str = Field("vlm2rec", description="a registered objective (vlm2rec_ray.objectives.OBJECTIVES)")
@@ -93,6 +107,11 @@ class ObjectiveConfig(_Part):
     beta_init: float = Field(1.0, gt=0.0)
     learnable_penalty: bool = True
     beta_min: float = Field(0.05, ge=0.0, description="floor on beta so the penalty cannot vanish")
+    tau_cmsa: float = Field(3.0, gt=0.0, description="CMSA temperature (initial value when learnable; SDA: 3.0)")
+    learnable_tau: bool = Field(True, description="learn tau_cmsa (SDA does)")
+    cmsa_divergence: Literal["ce", "kl"] = Field("ce", description="ce (SDA's code) or kl (the paper's prose)")
+    cmsa_detach_teacher: bool = Field(False, description="stop gradients into the CMSA teacher (SDA: no)")
+    cmsa_normalize: bool = Field(False, description="L2-normalise before CMSA (SDA: no)")
     gather_negatives: bool = Field(True, description="gather in-batch negatives across workers")
     num_sampled_negatives: int = Field(0, ge=0, description="extra random catalog negatives per batch")
 
@@ -624,6 +643,9 @@ class TrainJobConfig(_Part):
             raise ValueError(f"model.fusion='internal' with objective.variant={self.objective.variant!r}: the "
                              "interleaved prompt has no separate text and image embeddings for WPCL/CRTR; use "
                              "objective.variant=sft (the VLM_SFT_internal baseline) or model.fusion=external")
+        if self.model.fusion == "internal" and self.uses_lora and self.lora.kind == "moda":
+            raise ValueError("lora.kind=moda with model.fusion=internal: MoDA routes by modality and the interleaved "
+                             "prompt mixes both; use model.fusion=external or lora.kind=lora")
         if self.model.fusion == "internal" and self.objective.num_sampled_negatives:
             raise ValueError("objective.num_sampled_negatives > 0 is supported with model.fusion=external only")
         return self

@@ -163,7 +163,8 @@ def load_backbone(
         min_pixels, max_pixels: image resize bounds for the processor (default: as saved).
 
     Returns:
-        ``(model, processor)``: the bare ``*VLModel`` in eval mode on ``device``, and the processor.
+        ``(model, processor)``: the bare ``*VLModel`` in eval mode on ``device`` (with its MoDA adapters when
+        the directory is a MoDA export), and the processor.
     """
     import transformers
 
@@ -175,6 +176,10 @@ def load_backbone(
         kwargs["attn_implementation"] = attn_implementation
     model_cls = getattr(transformers, family.model_cls)
     net = model_cls.from_pretrained(model_dir, **kwargs)
+    if os.path.exists(os.path.join(model_dir, "moda_config.json")):  # a MoDA export (see model/moda.py)
+        from vlm2rec_ray.model.moda import load_moda
+
+        load_moda(net, model_dir)
     net.to(dev).eval()
     processor = _load_processor(family, model_dir, min_pixels, max_pixels)
     return net, processor

@@ -19,7 +19,19 @@ if TYPE_CHECKING:
 
     from vlm2rec_ray.config import LoraConfig
 
-__all__ = ["apply_lora", "load_lora_adapter", "lora_module_names", "trainable_parameter_names"]
+__all__ = ["apply_adapters", "apply_lora", "load_lora_adapter", "lora_module_names", "trainable_parameter_names"]
+
+
+def apply_adapters(backbone: nn.Module, cfg: LoraConfig) -> nn.Module:
+    """The adapters ``cfg.kind`` names: :func:`apply_lora` (a ``PeftModel``) or MoDA
+    (:func:`vlm2rec_ray.model.moda.apply_moda`, in place: the backbone itself is returned)."""
+    if cfg.kind == "moda":
+        from vlm2rec_ray.model.moda import apply_moda
+
+        apply_moda(backbone, target_modules=cfg.target_modules, r=cfg.r, alpha=cfg.alpha,
+                   num_experts=cfg.num_experts, dropout=cfg.dropout)
+        return backbone
+    return apply_lora(backbone, cfg)
 
 
 def apply_lora(backbone: nn.Module, cfg: LoraConfig) -> PeftModel:

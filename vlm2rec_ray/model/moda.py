@@ -20,22 +20,34 @@ mask for all experts (SDA draws one per expert), and the gate is computed once p
 
 Because the gate depends on the modality only, a trained MoDA layer is, for each modality, an ordinary
 rank-r LoRA: ``B' = [w_1 B_1 | ... | w_E B_E]``, ``A' = [A_1; ...; A_E]``, same ``alpha / r``.
-:func:`lora_weights_for` gives those per-modality matrices; the export writes one PEFT adapter per modality
-so the embedding job can switch adapters between its text and image passes.
+:func:`lora_weights_for` gives those per-modality matrices (for tools that only know LoRA).
+
+Export (:func:`save_moda` / :func:`load_moda`): no single merged model exists (the merged weights differ per
+modality), so a MoDA run exports the base weights unchanged (``save_pretrained`` after :func:`strip_moda`) plus
+``moda_config.json`` (r, alpha, experts, dropout, the adapted module names) and ``moda.safetensors`` (every
+expert, modality table and gate). :func:`vlm2rec_ray.model.backbone.load_backbone` re-applies MoDA when it
+finds ``moda_config.json``, so the embedding actors, the evaluation and ``load_backbone(output_uri)`` need
+nothing new: the encoder already sets the modality of each pass. Serving cost: the adapters stay unmerged
+(one extra rank-r product per adapted layer, as an unmerged LoRA).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["IMAGE", "TEXT", "MoDALinear", "apply_moda", "checkpoint_context", "current_modality",
-           "lora_weights_for", "moda_delta", "modality"]
+__all__ = ["CONFIG_NAME", "IMAGE", "TEXT", "WEIGHTS_NAME", "MoDALinear", "apply_moda", "checkpoint_context",
+           "current_modality", "load_moda", "lora_weights_for", "moda_delta", "modality", "save_moda", "strip_moda"]
+
+CONFIG_NAME = "moda_config.json"
+WEIGHTS_NAME = "moda.safetensors"
 
 IMAGE = 0  # SDA's ids: 0 = image sequence, 1 = text sequence
 TEXT = 1
@@ -162,7 +174,7 @@ class MoDALinear(nn.Module):
 
 
 def apply_moda(model: nn.Module, *, target_modules: str, r: int, alpha: float, num_experts: int,
-               dropout: float = 0.0) -> list[str]:
+               dropout: float = 0.0, gate_dim: int = 64) -> list[str]:
     """Replace every ``nn.Linear`` whose name matches ``target_modules`` (a regex, full match) by a
     :class:`MoDALinear`, freeze everything else; returns the replaced names.
 
@@ -179,7 +191,7 @@ def apply_moda(model: nn.Module, *, target_modules: str, r: int, alpha: float, n
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, MoDALinear(getattr(parent, child), r=r, alpha=alpha, num_experts=num_experts,
-                                          dropout=dropout))
+                                          dropout=dropout, gate_dim=gate_dim))
     return names
 
 
@@ -192,3 +204,80 @@ def lora_weights_for(layer: MoDALinear, m: int) -> tuple[Tensor, Tensor]:
     b = torch.cat([w[e] * layer.lora_B[e].float() for e in range(layer.num_experts)], dim=1)  # (d_out, r)
     return a, b
 
+
+
+def moda_layers(model: nn.Module) -> dict[str, MoDALinear]:
+    """``{module name: MoDALinear}`` in ``model``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, MoDALinear)}
+
+
+def save_moda(model: nn.Module, out_dir: str | Path) -> dict[str, Any]:
+    """Write ``moda_config.json`` and ``moda.safetensors`` (the adapters of every MoDA layer) into ``out_dir``.
+
+    Raises:
+        ValueError: ``model`` has no MoDA layer.
+    """
+    from safetensors.torch import save_file
+
+    layers = moda_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no MoDA layer to save")
+    first = next(iter(layers.values()))
+    config = {"r": first.r, "alpha": first.alpha, "num_experts": first.num_experts,
+              "dropout": float(getattr(first.dropout, "p", 0.0)), "gate_dim": first.modality_embedding.embedding_dim,
+              "modules": sorted(layers)}
+    tensors = {f"{name}.{k}": v.detach().to("cpu").contiguous() for name, layer in layers.items()
+               for k, v in layer.state_dict().items() if not k.startswith("base.")}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=1))
+    save_file(tensors, str(out / WEIGHTS_NAME))
+    return config
+
+
+def strip_moda(model: nn.Module) -> int:
+    """Put every MoDA layer's base Linear back in its place (in place); returns how many were replaced."""
+    layers = moda_layers(model)
+    for name, layer in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base)
+    return len(layers)
+
+
+def load_moda(model: nn.Module, model_dir: str | Path) -> list[str]:
+    """Re-apply the MoDA adapters saved by :func:`save_moda` in ``model_dir`` onto ``model`` (in place).
+
+    Raises:
+        RuntimeError: a saved module or tensor has no counterpart in ``model`` (a different base model).
+    """
+    from safetensors.torch import load_file
+
+    d = Path(model_dir)
+    config = json.loads((d / CONFIG_NAME).read_text())
+    names = list(config["modules"])
+    missing = [n for n in names if not isinstance(_find(model, n), nn.Linear)]
+    if missing:
+        raise RuntimeError(f"{d / CONFIG_NAME} adapts {len(missing)} modules that are not Linear layers of "
+                           f"{type(model).__name__}, e.g. {missing[:3]}; load it onto the base model it was trained on")
+    apply_moda(model, target_modules="|".join(re.escape(n) for n in names), r=config["r"], alpha=config["alpha"],
+               num_experts=config["num_experts"], dropout=config["dropout"], gate_dim=config.get("gate_dim", 64))
+    params = dict(model.named_parameters())
+    tensors = load_file(str(d / WEIGHTS_NAME))
+    unknown = sorted(set(tensors) - set(params))
+    absent = sorted(n for name in names for n in (f"{name}.lora_A", f"{name}.lora_B") if n not in tensors)
+    if unknown or absent:
+        raise RuntimeError(f"{d / WEIGHTS_NAME} does not match {d / CONFIG_NAME}: unknown tensors {unknown[:3]}, "
+                           f"missing {absent[:3]}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value.to(params[name].dtype))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return names
+
+
+def _find(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None

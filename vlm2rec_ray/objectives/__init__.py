@@ -11,7 +11,8 @@ parameters alpha, beta in a small ``nn.Module``::
 Variants (the paper's Table 5): ``sft`` (plain fused InfoNCE, eq. 3), ``vlm2rec`` (WPCL + lambda CRTR,
 eq. 14), ``wpcl`` / ``no_crtr`` (WPCL alone), ``no_stop_grad`` (VLM2Rec without the sg on the strong
 margin), ``no_penalty`` (VLM2Rec with w_pen = 1). Not the paper's: ``vlm2rec_teacher`` (VLM2Rec whose CRTR
-term is one-way, the stronger modality of each row a stop-gradient teacher; see ``crtr_loss``).
+term is one-way, the stronger modality of each row a stop-gradient teacher; see ``crtr_loss``). From SDA:
+``cmsa`` (Cross-Modal Structural Alignment on the items, learnable temperature; :mod:`.cmsa`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlm2rec_ray.objectives.cmsa import cmsa_loss
+from vlm2rec_ray.objectives.cmsa import cmsa_loss, cmsa_objective
 from vlm2rec_ray.objectives.contrastive import (
     LossOutput,
     build_neg_mask,
@@ -42,13 +43,16 @@ if TYPE_CHECKING:
     from vlm2rec_ray.config import ObjectiveConfig
 
 __all__ = [
+    "ITEM_LEVEL",
     "OBJECTIVES",
     "LossOutput",
     "PenaltyParameters",
+    "Temperature",
     "VLM2RecObjective",
     "build_neg_mask",
     "build_objective",
     "cmsa_loss",
+    "cmsa_objective",
     "crtr_loss",
     "gather_with_grad",
     "info_nce",
@@ -71,10 +75,22 @@ OBJECTIVES: dict[str, LossFn] = {
     "no_stop_grad": partial(vlm2rec_loss, stop_grad=False),
     "no_penalty": partial(vlm2rec_loss, use_penalty=False),
     "vlm2rec_teacher": partial(vlm2rec_loss, crtr_teacher=True),
+    "cmsa": cmsa_objective,
 }
 
 #: Variants whose loss depends on alpha/beta (the others keep them frozen, so no parameter goes unused).
 _USES_PENALTY = {"vlm2rec", "wpcl", "no_crtr", "no_stop_grad", "vlm2rec_teacher"}
+
+#: Variants with their own temperature ``tau`` (``objective.tau_cmsa``, learnable with ``learnable_tau``) and
+#: the config options they take.
+_TEMPERATURE = {"cmsa"}
+_OPTIONS: dict[str, Callable[[ObjectiveConfig], dict[str, object]]] = {
+    "cmsa": lambda c: {"divergence": c.cmsa_divergence, "detach_teacher": c.cmsa_detach_teacher,
+                       "normalize": c.cmsa_normalize},
+}
+
+#: Variants that train on items alone (SDA's stage 1): rows can be items, sequences are not encoded.
+ITEM_LEVEL = {"cmsa"}
 
 
 def register_objective(name: str, fn: LossFn, *, uses_penalty: bool = True) -> None:
@@ -159,6 +175,23 @@ class PenaltyParameters(nn.Module):
         return f"learnable={self.learnable}, beta_min={self.beta_min}"
 
 
+class Temperature(nn.Module):
+    """A positive temperature ``tau = softplus(rho)``, learnable or fixed (SDA learns CMSA's tau from 3.0; its
+    code keeps tau raw, the softplus only keeps it > 0 without changing the starting point)."""
+
+    def __init__(self, init: float, *, learnable: bool = True):
+        super().__init__()
+        rho = torch.tensor([_inverse_softplus(init)], dtype=torch.float32)  # [1]: ZeRO-friendly, as above
+        if learnable:
+            self.rho = nn.Parameter(rho)
+        else:
+            self.register_buffer("rho", rho)
+
+    def forward(self) -> Tensor:
+        """0-d float32 tau (called as a module so ZeRO-3 gathers ``rho`` first)."""
+        return F.softplus(self.rho.float()).reshape(())
+
+
 class VLM2RecObjective(nn.Module):
     """One registered loss with its hyper-parameters and penalty parameters.
 
@@ -167,7 +200,8 @@ class VLM2RecObjective(nn.Module):
     """
 
     def __init__(self, name: str, loss_fn: LossFn, *, tau_wpcl: float, tau_crtr: float, lam: float,
-                 penalty: PenaltyParameters):
+                 penalty: PenaltyParameters, temperature: Temperature | None = None,
+                 options: dict[str, object] | None = None):
         super().__init__()
         if tau_wpcl <= 0 or tau_crtr <= 0:
             raise ValueError(f"temperatures must be > 0, got tau_wpcl={tau_wpcl}, tau_crtr={tau_crtr}")
@@ -179,6 +213,9 @@ class VLM2RecObjective(nn.Module):
         self.tau_crtr = float(tau_crtr)
         self.lam = float(lam)
         self.penalty = penalty
+        self.temperature = temperature
+        self.options = dict(options or {})
+        self.item_level = name in ITEM_LEVEL
 
     @property
     def alpha(self) -> Tensor:
@@ -191,11 +228,19 @@ class VLM2RecObjective(nn.Module):
     def forward(self, z_t: Tensor, z_v: Tensor, e_t: Tensor, e_v: Tensor,
                 neg_mask: Tensor | None = None) -> LossOutput:
         z_t, z_v, e_t, e_v = (_upcast(x) for x in (z_t, z_v, e_t, e_v))
+        return self.loss_fn(z_t, z_v, e_t, e_v, neg_mask=neg_mask, **self.loss_kwargs(e_t))
+
+    def loss_kwargs(self, like: Tensor, *, detach: bool = False) -> dict[str, object]:
+        """The keyword arguments of ``loss_fn`` besides the embeddings and mask: temperatures, lambda, alpha and
+        beta (and tau for variants with their own temperature) on ``like``'s device and dtype; ``detach`` holds
+        the learnable ones constant (the gradient-alignment probe)."""
         alpha, beta = self.penalty()
-        if z_t.dtype == torch.float64:
-            alpha, beta = alpha.double(), beta.double()
-        return self.loss_fn(z_t, z_v, e_t, e_v, tau_wpcl=self.tau_wpcl, tau_crtr=self.tau_crtr, lam=self.lam,
-                            alpha=alpha.to(z_t.device), beta=beta.to(z_t.device), neg_mask=neg_mask)
+        params = {"alpha": alpha, "beta": beta}
+        if self.temperature is not None:
+            params["tau"] = self.temperature()
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        params = {k: (v.detach() if detach else v).to(device=like.device, dtype=dtype) for k, v in params.items()}
+        return {"tau_wpcl": self.tau_wpcl, "tau_crtr": self.tau_crtr, "lam": self.lam, **self.options, **params}
 
     def extra_repr(self) -> str:
         return f"variant={self.name!r}, tau_wpcl={self.tau_wpcl}, tau_crtr={self.tau_crtr}, lam={self.lam}"
@@ -214,11 +259,14 @@ def build_objective(cfg: ObjectiveConfig) -> VLM2RecObjective:
 
     Returns:
         A :class:`VLM2RecObjective`; its parameters (rho_alpha, rho_beta) exist only for variants that use the
-        penalty with ``learnable_penalty=True`` and belong in the optimizer.
+        penalty with ``learnable_penalty=True``, CMSA's tau (``temperature.rho``) with ``learnable_tau=True``;
+        they belong in the optimizer.
     """
     if cfg.variant not in OBJECTIVES:
         raise ValueError(f"unknown objective.variant {cfg.variant!r}; choose one of {sorted(OBJECTIVES)}")
     learnable = bool(cfg.learnable_penalty) and cfg.variant in _USES_PENALTY
     penalty = PenaltyParameters(cfg.alpha_init, cfg.beta_init, learnable=learnable, beta_min=cfg.beta_min)
+    temperature = (Temperature(cfg.tau_cmsa, learnable=cfg.learnable_tau) if cfg.variant in _TEMPERATURE else None)
+    options = _OPTIONS[cfg.variant](cfg) if cfg.variant in _OPTIONS else {}
     return VLM2RecObjective(cfg.variant, OBJECTIVES[cfg.variant], tau_wpcl=cfg.tau_wpcl, tau_crtr=cfg.tau_crtr,
-                            lam=cfg.lam, penalty=penalty)
+                            lam=cfg.lam, penalty=penalty, temperature=temperature, options=options)

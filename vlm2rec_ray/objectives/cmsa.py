@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["cmsa_loss"]
+from vlm2rec_ray.objectives.contrastive import LossOutput, crtr_loss, modality_margin
+
+__all__ = ["cmsa_loss", "cmsa_objective"]
 
 
 def cmsa_loss(e_t: Tensor, e_v: Tensor, tau: Tensor | float, *, divergence: Literal["ce", "kl"] = "ce",
@@ -71,3 +73,38 @@ def cmsa_loss(e_t: Tensor, e_v: Tensor, tau: Tensor | float, *, divergence: Lite
         x = x + (teacher * torch.log(teacher.clamp_min(1e-30))).sum(dim=1)
         y = y + (targets_t * torch.log(targets_t.clamp_min(1e-30))).sum(dim=1)
     return ((x + y) / 2).mean()
+
+
+def cmsa_objective(z_t: Tensor, z_v: Tensor, e_t: Tensor, e_v: Tensor, *, tau_wpcl: float, tau_crtr: float,
+                   lam: float, alpha: Tensor | float, beta: Tensor | float, neg_mask: Tensor | None = None,
+                   tau: Tensor | float = 3.0, divergence: Literal["ce", "kl"] = "ce", detach_teacher: bool = False,
+                   normalize: bool = False) -> LossOutput:
+    """The ``cmsa`` objective variant: :func:`cmsa_loss` over the batch's items, with the registry's signature.
+
+    SDA's stage 1 trains items only: with item-level rows ``z_t``/``z_v`` are empty (``[0, d]``) and only the
+    ``N`` items count. With sequence rows the sequences are not trained (CMSA has no sequence term); their
+    margins and CRTR are computed, detached, for the logs. ``tau_wpcl``, ``tau_crtr``, ``lam``, ``alpha``,
+    ``beta`` are accepted for the common signature and used for those diagnostics only.
+
+    Args:
+        z_t, z_v: ``[B, d]`` sequence embeddings (``B`` may be 0).
+        e_t, e_v: ``[N, d]`` item text / image embeddings, ``N >= 2``.
+        tau: CMSA temperature (the objective's learnable one).
+        divergence, detach_teacher, normalize: :func:`cmsa_loss` options.
+
+    Returns:
+        :class:`LossOutput` with ``total = wpcl = CMSA``; ``crtr``, ``penalty``, margins ``[B]`` detached
+        diagnostics (empty without sequences); ``tau`` the temperature used.
+    """
+    loss = cmsa_loss(e_t, e_v, tau, divergence=divergence, detach_teacher=detach_teacher, normalize=normalize)
+    b = z_t.shape[0]
+    with torch.no_grad():
+        if b:
+            m_t, m_v = modality_margin(z_t, e_t, neg_mask), modality_margin(z_v, e_v, neg_mask)
+            crtr = crtr_loss(z_t, z_v, e_t, e_v, tau_crtr)
+        else:
+            m_t = m_v = e_t.new_zeros(0)
+            crtr = e_t.new_zeros(())
+    tau_t = torch.as_tensor(tau, dtype=torch.float32).reshape(())
+    return LossOutput(total=loss, wpcl=loss, crtr=crtr, penalty=torch.ones_like(m_t), margin_text=m_t,
+                      margin_image=m_v, alpha=None, beta=None, tau=tau_t.detach())

@@ -69,6 +69,7 @@ class LossOutput:
         margin_image: ``[B]``, M^V_i (eq. 6).
         alpha, beta: 0-d tensors, the penalty parameters in effect (None when floats were passed); carried
             here so a trainer can log them even where the parameters themselves are sharded (ZeRO-3).
+        tau: 0-d tensor, a learnable temperature in effect (CMSA), else None.
     """
 
     total: Tensor
@@ -79,22 +80,23 @@ class LossOutput:
     margin_image: Tensor
     alpha: Tensor | None = None
     beta: Tensor | None = None
+    tau: Tensor | None = None
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
         """Python floats for logging (one device sync): losses, mean penalty, mean margins, the share of rows
-        where the image margin is the weaker one, and alpha/beta when known."""
-        names = ["loss", "loss_wpcl", "loss_crtr", "penalty_mean", "margin_text", "margin_image",
-                 "image_weaker_frac"]
-        items = [
-            self.total.detach().float(),
-            self.wpcl.detach().float(),
-            self.crtr.detach().float(),
-            self.penalty.detach().float().mean(),
-            self.margin_text.detach().float().mean(),
-            self.margin_image.detach().float().mean(),
-            (self.margin_image.detach() < self.margin_text.detach()).float().mean(),
-        ]
-        for name, value in (("alpha", self.alpha), ("beta", self.beta)):
+        where the image margin is the weaker one (all four only when there are sequence rows), and
+        alpha/beta/tau when known."""
+        names = ["loss", "loss_wpcl", "loss_crtr"]
+        items = [self.total.detach().float(), self.wpcl.detach().float(), self.crtr.detach().float()]
+        if self.margin_text.numel():
+            names += ["penalty_mean", "margin_text", "margin_image", "image_weaker_frac"]
+            items += [
+                self.penalty.detach().float().mean(),
+                self.margin_text.detach().float().mean(),
+                self.margin_image.detach().float().mean(),
+                (self.margin_image.detach() < self.margin_text.detach()).float().mean(),
+            ]
+        for name, value in (("alpha", self.alpha), ("beta", self.beta), ("tau", self.tau)):
             if value is not None:
                 names.append(name)
                 items.append(value.detach().float().reshape(()).to(items[0].device))

@@ -59,12 +59,16 @@ def embed_tables(encoder: VLM2RecEncoder, data: TestbedData, split: str, *,
 
 
 def evaluate_encoder(encoder: VLM2RecEncoder, data: TestbedData, split: str, *, num_negatives: int = 100,
-                     seeds: Sequence[int] = (0, 1, 2), ks: Sequence[int] = (10, 20)) -> dict[str, Any]:
-    """Task 1 (sampled), modality dropout and geometry of ``split`` (``valid`` for tuning, ``test`` to report).
+                     seeds: Sequence[int] = (0, 1, 2), ks: Sequence[int] = (10, 20), task2: bool = False
+                     ) -> dict[str, Any]:
+    """Task 1 (sampled), modality dropout and geometry of ``split`` (``valid`` for tuning, ``test`` to report);
+    with ``task2``, also Task 2: a SASRec trained on the train split over the frozen fused item embeddings
+    (:func:`vlm2rec_ray.eval.task2.evaluate_task2`, ``init="ours"``; SDA's stage 2), scored on ``split`` with
+    the same negatives protocol.
 
     Returns:
         ``{"task1": {"hit@10": ..}, "dropout": {"f2f"|"t2f"|"v2f": {..}}, "geometry": {"text"|"image"|"fused":
-        {"A_pos", "A_neg", "U", "S"}}}``.
+        {"A_pos", "A_neg", "U", "S"}}}`` (+ ``"task2": {"hit@10": ..}``).
     """
     from vlm2rec_ray.eval.diagnostics import geometry_table, modality_dropout
     from vlm2rec_ray.eval.task1 import align_task1_inputs, evaluate_task1
@@ -76,14 +80,22 @@ def evaluate_encoder(encoder: VLM2RecEncoder, data: TestbedData, split: str, *, 
                            inputs=inputs)
     dropout = modality_dropout(seqs, items, target, num_negatives=num_negatives, seeds=seeds, ks=ks, inputs=inputs)
     geometry = geometry_table(seqs, items, target, inputs=inputs)
-    return {"task1": task1["sampled"], "dropout": dropout, "geometry": geometry}
+    result = {"task1": task1["sampled"], "dropout": dropout, "geometry": geometry}
+    if task2:
+        from vlm2rec_ray.eval.task2 import evaluate_task2
+
+        result["task2"] = evaluate_task2(data.splits["train"], target, model="sasrec", init="ours", item_table=items,
+                                         num_negatives=num_negatives, seeds=seeds, ks=ks)["sampled"]
+    return result
 
 
 def headline(result: dict[str, Any]) -> dict[str, float]:
-    """The study's columns: fused Hit@10 / NDCG@20, t2f and v2f Hit@10, S and U per space."""
+    """The study's columns: fused Hit@10 / NDCG@20, t2f and v2f Hit@10, S and U per space (and Task 2's)."""
     out = {"hit@10": result["task1"]["hit@10"], "ndcg@20": result["task1"]["ndcg@20"],
            "t2f_hit@10": result["dropout"]["t2f"]["hit@10"], "v2f_hit@10": result["dropout"]["v2f"]["hit@10"]}
     for m in ("text", "image", "fused"):
         out[f"S_{m}"] = result["geometry"][m]["S"]
         out[f"U_{m}"] = result["geometry"][m]["U"]
+    if "task2" in result:
+        out["task2_hit@10"], out["task2_ndcg@20"] = result["task2"]["hit@10"], result["task2"]["ndcg@20"]
     return {k: float(v) for k, v in out.items()}

@@ -8,7 +8,8 @@ gradient clipping ``train.grad_clip``; it logs every ``train.log_every`` steps (
 parts, penalty, margins, alpha, beta) and runs the gradient-alignment diagnostic every ``train.diag_every``.
 
 A step holds ``per_device_batch_size * num_workers * grad_accum`` rows (one Ray Train step's rows). Each epoch
-visits the split's rows in a seeded order (``train.seed`` and the epoch), full batches only.
+visits the split's rows in a seeded order (``train.seed`` and the epoch), full batches only. Item-level
+objectives (``cmsa``, SDA's stage 1) train on the split's distinct items instead, each once per epoch.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ __all__ = ["finetune", "make_batch"]
 
 
 def make_batch(data: TestbedData, rows: list[tuple[str, list[int], int]]) -> Any:
-    """A :class:`~vlm2rec_ray.train.data.TrainBatch` of ``(user, history rows, target row)`` rows."""
+    """A :class:`~vlm2rec_ray.train.data.TrainBatch` of ``(user, history rows, target row)`` rows (item-level
+    rows have an empty history: the batch then has no sequences)."""
     from vlm2rec_ray.train.data import TrainBatch
 
     targets = [t for _, _, t in rows]
-    return TrainBatch(seq_titles=[[data.titles[h] for h in hist] for _, hist, _ in rows],
-                      seq_images=[[data.images[h] for h in hist] for _, hist, _ in rows],
+    return TrainBatch(seq_titles=[[data.titles[h] for h in hist] for _, hist, _ in rows if hist],
+                      seq_images=[[data.images[h] for h in hist] for _, hist, _ in rows if hist],
                       item_titles=[data.titles[t] for t in targets], item_images=[data.images[t] for t in targets],
                       target_ids=torch.tensor(targets, dtype=torch.long), item_ids=torch.tensor(targets, dtype=torch.long))
 
@@ -62,6 +64,8 @@ def finetune(cfg: TrainJobConfig, data: TestbedData, *, split: str = "train",
     params = [p for p in module.parameters() if p.requires_grad]
     objective = module.objective
     rows = data.rows(split)
+    if objective.item_level:  # SDA's stage 1: every distinct item of the split once per epoch, no sequences
+        rows = [("", [], i) for i in sorted({i for _, hist, target in rows for i in (*hist, target)})]
     batch_rows = t.per_device_batch_size * cfg.scaling.num_workers * t.grad_accum
     steps_per_epoch = len(rows) // batch_rows
     if steps_per_epoch < 1:

@@ -41,10 +41,12 @@ from vlm2rec_ray.config import TrainJobConfig, _merge, _Part
 __all__ = ["AblationSpec", "MethodSpec", "StudyConfig", "run_study"]
 
 SEARCH_KEYS = {"lr": ("train", "lr"), "tau_wpcl": ("objective", "tau_wpcl"), "tau_crtr": ("objective", "tau_crtr"),
-               "lam": ("objective", "lam")}
+               "lam": ("objective", "lam"), "tau_cmsa": ("objective", "tau_cmsa")}
 HEADLINE = ("hit@10", "ndcg@20", "t2f_hit@10", "v2f_hit@10", "S_text", "S_image", "S_fused", "U_text", "U_image",
             "U_fused")
-TRAIN_KEYS = ("loss", "loss_wpcl", "loss_crtr", "margin_text", "margin_image", "penalty_mean", "alpha", "beta")
+#: Task 2 (SASRec on the frozen item embeddings, SDA's stage 2), where a run computes it (``task2``).
+TASK2 = ("task2_hit@10", "task2_ndcg@20")
+TRAIN_KEYS = ("loss", "loss_wpcl", "loss_crtr", "margin_text", "margin_image", "penalty_mean", "alpha", "beta", "tau")
 
 
 class StudyDataConfig(_Part):
@@ -67,6 +69,15 @@ class MethodSpec(_Part):
     grid: dict[str, list[float]] = Field(default_factory=dict, description="this method's own values for some "
                                          "search keys (default: the study's lrs / tau_wpcl / tau_crtr / lam)")
     overrides: dict[str, Any] = Field(default_factory=dict, description="TrainJobConfig tree merged over `train`")
+    select_metric: str | None = Field(None, description="this method's valid-split selection metric (default the "
+                                      "study's); task2_* for methods whose recommender is Task 2's (SDA)")
+
+    @field_validator("select_metric")
+    @classmethod
+    def _select(cls, v: str | None) -> str | None:
+        if v is not None and v not in HEADLINE + TASK2:
+            raise ValueError(f"select_metric={v!r}; pick one of {list(HEADLINE + TASK2)}")
+        return v
 
     @field_validator("search")
     @classmethod
@@ -107,6 +118,9 @@ class StudyConfig(_Part):
     tau_wpcl: list[float] = Field(default_factory=lambda: [0.05, 0.1, 0.5, 1.0])
     tau_crtr: list[float] = Field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0])
     lam: list[float] = Field(default_factory=lambda: [0.1, 0.5, 1.0])
+    tau_cmsa: list[float] = Field(default_factory=lambda: [0.3, 1.0, 3.0, 10.0], description="CMSA's initial tau")
+    task2: bool = Field(False, description="also score Task 2 (SASRec on the frozen item embeddings) in the final "
+                        "runs (and in the tuning runs of methods that select on it)")
     budget: int = Field(24, ge=1, description="tuning runs per method")
     search_seed: int = 0
     select_metric: str = Field("ndcg@20", description="valid-split metric that picks each method's config")
@@ -150,7 +164,8 @@ class StudyConfig(_Part):
 
 def _grid(cfg: StudyConfig, method: MethodSpec) -> list[dict[str, float]]:
     """The method's tuning points: the full grid if it fits the budget, else a seeded sample of ``budget``."""
-    values = {"lr": cfg.lrs, "tau_wpcl": cfg.tau_wpcl, "tau_crtr": cfg.tau_crtr, "lam": cfg.lam, **method.grid}
+    values = {"lr": cfg.lrs, "tau_wpcl": cfg.tau_wpcl, "tau_crtr": cfg.tau_crtr, "lam": cfg.lam,
+              "tau_cmsa": cfg.tau_cmsa, **method.grid}
     points = [dict(zip(method.search, combo, strict=True))
               for combo in itertools.product(*(values[k] for k in method.search))]
     if len(points) <= cfg.budget:
@@ -171,8 +186,8 @@ def _train_tree(cfg: StudyConfig, overrides: dict[str, Any], variant: str, point
 
 
 def _run_id(spec: dict[str, Any]) -> str:
-    blob = json.dumps({k: spec[k] for k in ("kind", "train", "splits", "eval_seeds", "num_negatives")}, sort_keys=True,
-                      default=str)
+    keys = ("kind", "train", "splits", "eval_seeds", "num_negatives") + (("task2",) if spec.get("task2") else ())
+    blob = json.dumps({k: spec[k] for k in keys}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -231,15 +246,15 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         encoder = module.encoder
     train_s = time.perf_counter() - started
     metrics = {split: headline(evaluate_encoder(encoder, data, split, num_negatives=spec["num_negatives"],
-                                                seeds=spec["eval_seeds"]))
+                                                seeds=spec["eval_seeds"], task2=bool(spec.get("task2"))))
                for split in spec["splits"]}
     losses = [r for r in history if "loss" in r]
     last = {k: losses[-1][k] for k in TRAIN_KEYS if losses and k in losses[-1]}
     curves = [{"step": r["step"], "cos_total_text": r["grad_align/cos_total_text"],
-               "cos_total_image": r["grad_align/cos_total_image"]}
+               "cos_total_image": r["grad_align/cos_total_image"], "cos_text_image": r["grad_align/cos_text_image"]}
               for r in history if "grad_align/cos_total_text" in r]
-    margins = [{"step": r["step"], "margin_text": r["margin_text"], "margin_image": r["margin_image"],
-                "loss_crtr": r["loss_crtr"], "penalty_mean": r["penalty_mean"]} for r in losses]
+    margins = [{"step": r["step"], **{k: r[k] for k in ("margin_text", "margin_image", "loss_crtr", "penalty_mean",
+                                                        "tau") if k in r}} for r in losses]
     return {**{k: spec[k] for k in ("id", "phase", "method", "kind", "point", "seed")}, "metrics": metrics,
             "last": last, "curves": curves, "margins": margins, "train_s": round(train_s, 1)}
 
@@ -300,8 +315,9 @@ def run_study(cfg: StudyConfig, *, progress: Callable[[str], None] = print) -> d
         return [done[s["id"]] for s in specs]
 
     def spec(phase: str, method: str, variant: str, overrides: dict[str, Any], point: dict[str, float], seed: int,
-             splits: list[str], kind: str = "finetune") -> dict[str, Any]:
+             splits: list[str], kind: str = "finetune", task2: bool = False) -> dict[str, Any]:
         return {"phase": phase, "method": method, "kind": kind, "point": point, "seed": seed, "splits": splits,
+                **({"task2": True} if task2 else {}),
                 "eval_seeds": list(cfg.eval_seeds), "num_negatives": cfg.num_negatives,
                 "train": TrainJobConfig.model_validate(_train_tree(cfg, overrides, variant, point, seed, backbone))
                 .model_dump(mode="json")}
@@ -310,18 +326,21 @@ def run_study(cfg: StudyConfig, *, progress: Callable[[str], None] = print) -> d
         tuning: dict[str, list[dict[str, Any]]] = {}
         chosen: dict[str, dict[str, float]] = {}
         for m in cfg.methods:
-            runs = execute([spec("tune", m.name, m.variant, m.overrides, p, 0, ["valid"]) for p in _grid(cfg, m)],
-                           f"tune {m.name}")
-            tuning[m.name] = sorted(runs, key=lambda r: -r["metrics"]["valid"][cfg.select_metric])
+            metric = m.select_metric or cfg.select_metric
+            runs = execute([spec("tune", m.name, m.variant, m.overrides, p, 0, ["valid"], task2=metric in TASK2)
+                            for p in _grid(cfg, m)], f"tune {m.name}")
+            tuning[m.name] = sorted(runs, key=lambda r: -r["metrics"]["valid"][metric])
             chosen[m.name] = tuning[m.name][0]["point"]
-            progress(f"  {m.name}: chose {chosen[m.name]} (valid {cfg.select_metric} "
-                     f"{tuning[m.name][0]['metrics']['valid'][cfg.select_metric]:.4f})")
-        finals_specs = [spec("final", "Vanilla", "sft", {}, {}, 0, ["valid", "test"], kind="vanilla")]
+            progress(f"  {m.name}: chose {chosen[m.name]} (valid {metric} "
+                     f"{tuning[m.name][0]['metrics']['valid'][metric]:.4f})")
+        finals_specs = [spec("final", "Vanilla", "sft", {}, {}, 0, ["valid", "test"], kind="vanilla",
+                             task2=cfg.task2)]
         overrides = {m.name: m.overrides for m in cfg.methods}
         entries = [(m.name, m.variant, m.overrides, chosen[m.name]) for m in cfg.methods]
         entries += [(a.name, a.variant, overrides[a.of], chosen[a.of]) for a in cfg.ablations]
         for name, variant, ovr, point in entries:
-            finals_specs += [spec("final", name, variant, ovr, point, s, ["valid", "test"]) for s in cfg.final_seeds]
+            finals_specs += [spec("final", name, variant, ovr, point, s, ["valid", "test"], task2=cfg.task2)
+                             for s in cfg.final_seeds]
         finals = execute(finals_specs, "final runs")
     finally:
         pool.shutdown(cancel_futures=True)
@@ -343,14 +362,16 @@ def _summarise(cfg: StudyConfig, backbone: str, tuning: dict[str, list[dict[str,
     for name, runs in by_method.items():
         row: dict[str, Any] = {"seeds": [r["seed"] for r in runs], "point": runs[0]["point"]}
         for split in ("valid", "test"):
-            row[split] = {k: _mean_std([r["metrics"][split][k] for r in runs]) for k in HEADLINE}
+            row[split] = {k: _mean_std([r["metrics"][split][k] for r in runs]) for k in HEADLINE + TASK2
+                          if all(k in r["metrics"][split] for r in runs)}
         row["per_seed_test"] = [{"seed": r["seed"], **r["metrics"]["test"]} for r in runs]
         row["train_last"] = {k: _mean_std([r["last"][k] for r in runs if k in r["last"]])
                              for k in TRAIN_KEYS if any(k in r["last"] for r in runs)}
         steps = sorted({c["step"] for r in runs for c in r["curves"]})
         row["grad_alignment"] = [{"step": s, **{k: statistics.fmean(c[k] for r in runs for c in r["curves"]
-                                                                   if c["step"] == s)
-                                                for k in ("cos_total_text", "cos_total_image")}} for s in steps]
+                                                                   if c["step"] == s and k in c)
+                                                for k in ("cos_total_text", "cos_total_image", "cos_text_image")
+                                                if any(k in c for r in runs for c in r["curves"])}} for s in steps]
         table[name] = row
     variants = {name: {"variant": variant, "overrides": ovr} for name, variant, ovr, _ in entries}
     return {"config": cfg.model_dump(mode="json"), "backbone": backbone, "chosen": chosen, "variants": variants,
@@ -368,24 +389,32 @@ def format_study(result: dict[str, Any]) -> str:
     """``study.md``: the final table (test, mean ± std over seeds), the per-seed rows, the chosen configs, the
     training-end diagnostics, the gradient-alignment curves and every tuning run."""
     cfg = result["config"]
-    lines = [f"# SFT vs VLM2Rec on the testbed (backbone `{result['backbone']}`)", ""]
+    methods = " vs ".join(n for n in result["final"] if n != "Vanilla")
+    lines = [f"# {methods} on the testbed (backbone `{result['backbone']}`)", ""]
     cols = ["hit@10", "ndcg@20", "t2f_hit@10", "v2f_hit@10", "S_text", "S_image", "S_fused", "U_text", "U_image"]
+    cols += [k for k in TASK2 if all(k in row["test"] for row in result["final"].values())]
     lines += [f"Test split, mean ± std over training seeds {cfg['final_seeds']} (Vanilla: untrained, one run); "
               f"negatives: {cfg['eval_seeds']} sampling seeds of 100.", "",
               "| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, row in result["final"].items():
         lines.append(f"| {name} | " + " | ".join(_fmt(row["test"][c]) for c in cols) + " |")
-    lines += ["", "Chosen configurations (valid " + cfg["select_metric"] + "):", ""]
+    if "task2_ndcg@20" in cols:
+        lines += ["", "task2_*: SASRec (d=128) trained on the train split over the frozen, L2-normalised fused item "
+                  "embeddings through a linear adapter (SDA's stage 2; `vlm2rec_ray.eval.task2`)."]
+    select = {m["name"]: m.get("select_metric") or cfg["select_metric"] for m in cfg["methods"]}
+    lines += ["", "Chosen configurations (on the valid split):", ""]
     for name, row in result["final"].items():
         if name != "Vanilla":
             v = result["variants"].get(name, {})
             lines.append(f"- {name}: variant `{v.get('variant')}`, {json.dumps(row['point'])}"
+                         + (f", selected on {select[name]}" if name in select else "")
                          + (f", overrides {json.dumps(v.get('overrides'))}" if v.get("overrides") else ""))
     lines += ["", "Per seed (test):", "", "| method | seed | " + " | ".join(cols) + " |",
               "|---" * (len(cols) + 2) + "|"]
     for name, row in result["final"].items():
         for r in row["per_seed_test"]:
-            lines.append(f"| {name} | {r['seed']} | " + " | ".join(f"{r[c]:.4f}" for c in cols) + " |")
+            lines.append(f"| {name} | {r['seed']} | " + " | ".join(f"{r[c]:.4f}" if c in r else "-" for c in cols)
+                         + " |")
     lines += ["", "At the end of training (mean ± std over seeds; margins are the last logging window's means):",
               "", "| method | " + " | ".join(TRAIN_KEYS) + " |", "|---" * (len(TRAIN_KEYS) + 1) + "|"]
     for name, row in result["final"].items():
@@ -403,9 +432,19 @@ def format_study(result: dict[str, Any]) -> str:
                 ga = result["final"][n]["grad_alignment"]
                 cells.append(f"{ga[i]['cos_total_text']:.3f} / {ga[i]['cos_total_image']:.3f}" if i < len(ga) else "-")
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    if any("cos_text_image" in p for n in named for p in result["final"][n]["grad_alignment"]):
+        lines += ["", "Gradient conflict cos(g_T, g_V) on the trainable adapters by step (mean over seeds; SDA reports "
+                  "it for LoRA vs MoDA):", "", "| step | " + " | ".join(named) + " |", "|---" * (len(named) + 1) + "|"]
+        for i, s in enumerate(steps):
+            cells = []
+            for n in named:
+                ga = result["final"][n]["grad_alignment"]
+                cells.append(f"{ga[i]['cos_text_image']:.3f}" if i < len(ga) and "cos_text_image" in ga[i] else "-")
+            lines.append(f"| {s} | " + " | ".join(cells) + " |")
     lines += ["", f"Every tuning run (train.seed 0, valid split; budget {cfg['budget']} per method):", ""]
-    tcols = ["ndcg@20", "hit@10", "t2f_hit@10", "v2f_hit@10", "S_text", "S_image"]
     for m, runs in result["tuning"].items():
+        tcols = ["ndcg@20", "hit@10", "t2f_hit@10", "v2f_hit@10", "S_text", "S_image"]
+        tcols += [k for k in TASK2 if runs and all(k in r["valid"] for r in runs)]
         lines += [f"### {m}", "", "| config | " + " | ".join(tcols) + " |", "|---" * (len(tcols) + 1) + "|"]
         for r in runs:
             lines.append(f"| {json.dumps(r['point'])} | " + " | ".join(f"{r['valid'][c]:.4f}" for c in tcols) + " |")

@@ -5,6 +5,8 @@ Layout written to ``output_uri`` (local dir or s3:// prefix)::
     config.json, model.safetensors, processor files   merged weights: load_backbone(output_uri) works
     adapter/                                           LoRA runs: PEFT adapter + processor
                                                        (load_backbone(base) + load_lora_adapter(m, adapter/))
+    moda_config.json, moda.safetensors                 MoDA runs, instead of merging (model/moda.py): the
+                                                       weights above are the base's; load_backbone re-applies
     README.md                                          model card (written by the driver, see write_model_card)
     metrics.jsonl, train_summary.json, data_errors.parquet
 
@@ -117,14 +119,14 @@ def build_cpu_model(cfg: TrainJobConfig, trained: dict[str, Tensor]) -> tuple[nn
         RuntimeError: a trained tensor has no counterpart (name or shape) in the rebuilt model.
     """
     from vlm2rec_ray.model.backbone import load_backbone
-    from vlm2rec_ray.model.lora import apply_lora
+    from vlm2rec_ray.model.lora import apply_adapters
 
     _unset_zero3_init()
     backbone, processor = load_backbone(cfg.model.name, device="cpu", dtype=_export_dtype(cfg),
                                         endpoint=cfg.storage.endpoint_url,
                                         min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
     if cfg.uses_lora:
-        backbone = apply_lora(backbone, cfg.lora)
+        backbone = apply_adapters(backbone, cfg.lora)
     params = dict(backbone.named_parameters())
     missing = [n for n in trained if n not in params]
     if missing:
@@ -150,12 +152,20 @@ def _unset_zero3_init() -> None:
 
 
 def save_export(cfg: TrainJobConfig, backbone: nn.Module, processor: Any, local_dir: str | Path) -> dict[str, Any]:
-    """Write adapter (LoRA runs) and merged weights + processor into ``local_dir``; returns the merged model."""
+    """Write adapter (LoRA runs) and merged weights + processor into ``local_dir``; returns the merged model.
+    MoDA runs write the base weights with ``moda_config.json`` + ``moda.safetensors`` beside them instead
+    (:mod:`vlm2rec_ray.model.moda`: the merged weights differ per modality; ``load_backbone`` re-applies them)."""
     out = Path(local_dir)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Any] = {}
     model = backbone
-    if cfg.uses_lora:
+    if cfg.uses_lora and cfg.lora.kind == "moda":
+        from vlm2rec_ray.model.moda import save_moda, strip_moda
+
+        save_moda(backbone, out)
+        strip_moda(backbone)
+        files["moda"] = "."
+    elif cfg.uses_lora:
         adapter = out / "adapter"
         backbone.save_pretrained(adapter)
         processor.save_pretrained(adapter)
@@ -225,7 +235,8 @@ def write_model_card(cfg: TrainJobConfig, summary: dict[str, Any], *, endpoint: 
     t, o, lo = cfg.train, cfg.objective, cfg.lora
     final = summary.get("final_metrics", {})
     counts = summary.get("data", {})
-    mode = (f"LoRA (r={lo.r}, alpha={lo.alpha}, dropout={lo.dropout}, targets `{lo.target_modules}`)"
+    kind = "LoRA" if lo.kind == "lora" else f"MoDA ({lo.num_experts} experts routed by modality)"
+    mode = (f"{kind} (r={lo.r}, alpha={lo.alpha}, dropout={lo.dropout}, targets `{lo.target_modules}`)"
             if cfg.uses_lora else "full fine-tuning of the language model")
     if t.train_vision:
         mode += " + vision tower trained"
@@ -240,7 +251,7 @@ from vlm2rec_ray.model.encoder import VLM2RecEncoder
 
 model, processor = load_backbone("{cfg.output_uri}")          # merged weights
 encoder = VLM2RecEncoder(model, processor, max_history={cfg.model.max_history})
-```""" + ("" if not cfg.uses_lora else f"""
+```""" + ("" if not cfg.uses_lora or lo.kind == "moda" else f"""
 Or the adapter on the base model:
 ```python
 from vlm2rec_ray.model.lora import load_lora_adapter

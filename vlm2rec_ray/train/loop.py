@@ -22,6 +22,7 @@ dynamic split does not replay an order), so the same number of rows is seen, not
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import math
@@ -107,17 +108,15 @@ def gradient_alignment_step(module: nn.Module, batch: TrainBatch, objective: nn.
     """
     from vlm2rec_ray.eval.metrics import gradient_alignment, modality_path_losses
 
-    with torch.no_grad():
-        alpha, beta = (x.detach().float() for x in objective.penalty())  # constants: only the backbone is probed
     with torch.set_grad_enabled(not zero3):
         out = module(batch.seq_titles, batch.seq_images, batch.item_titles, batch.item_images)
     neg_mask = build_neg_mask(batch.target_ids.to(out.e_t.device), batch.item_ids.to(out.e_t.device))
+    with torch.no_grad():  # alpha, beta (and tau) held constant: only the backbone is probed
+        constants = objective.loss_kwargs(out.e_t.float(), detach=True)
 
     def loss_fn(z_t: torch.Tensor, z_v: torch.Tensor, e_t: torch.Tensor, e_v: torch.Tensor) -> torch.Tensor:
         z_t, z_v, e_t, e_v = (x.float() for x in (z_t, z_v, e_t, e_v))
-        return objective.loss_fn(z_t, z_v, e_t, e_v, tau_wpcl=objective.tau_wpcl, tau_crtr=objective.tau_crtr,
-                                 lam=objective.lam, alpha=alpha.to(z_t.device), beta=beta.to(z_t.device),
-                                 neg_mask=neg_mask).total
+        return objective.loss_fn(z_t, z_v, e_t, e_v, neg_mask=neg_mask, **constants).total
 
     if zero3:
         # Partitioned parameters cannot be differentiated outside the engine's backward: use the embeddings.
@@ -151,7 +150,7 @@ def _prepare_process(cfg: TrainJobConfig, device: torch.device) -> None:
 
 def build_train_module(cfg: TrainJobConfig, device: torch.device, *,
                        zero3_config: dict[str, Any] | None = None) -> TrainModule:
-    """The trainable :class:`TrainModule`: load the backbone, apply LoRA or unfreeze for full fine-tuning,
+    """The trainable :class:`TrainModule`: load the backbone, apply LoRA / MoDA or unfreeze for full fine-tuning,
     optionally unfreeze the vision tower, enable gradient checkpointing and build the objective.
 
     Args:
@@ -162,7 +161,7 @@ def build_train_module(cfg: TrainJobConfig, device: torch.device, *,
     """
     from vlm2rec_ray.model.backbone import load_backbone
     from vlm2rec_ray.model.encoder import VLM2RecEncoder
-    from vlm2rec_ray.model.lora import apply_lora
+    from vlm2rec_ray.model.lora import apply_adapters
     from vlm2rec_ray.objectives import build_objective
 
     hf_ds = None
@@ -180,7 +179,7 @@ def build_train_module(cfg: TrainJobConfig, device: torch.device, *,
 
     _unset_zero3_init()
     if cfg.uses_lora:
-        backbone = apply_lora(backbone, cfg.lora)
+        backbone = apply_adapters(backbone, cfg.lora)
     else:
         for name, p in backbone.named_parameters():
             p.requires_grad_(cfg.train.full_finetune and not _is_vision(name))
@@ -352,6 +351,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t_wait = time.perf_counter()
         for arrow_batch in it:
             batch = to_train_batch(arrow_batch)
+            if objective.item_level:  # CMSA (SDA stage 1): the rows' items only, sequences not encoded
+                batch = dataclasses.replace(batch, seq_titles=[], seq_images=[])
             window.data_s += time.perf_counter() - t_wait
             if micro % t.grad_accum == 0 and t.diag_every and (state.global_step + 1) % t.diag_every == 0:
                 pending_diag = gradient_alignment_step(engine.module, batch, objective,

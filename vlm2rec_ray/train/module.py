@@ -44,8 +44,12 @@ class TrainModule(nn.Module):
 
     def forward(self, seq_titles: Sequence[Sequence[str]], seq_images: Sequence[Sequence[Any]],
                 item_titles: Sequence[str], item_images: Sequence[Any]) -> EncoderOutput:
-        """``EncoderOutput(z_t, z_v, e_t, e_v)``: ``[B, d]`` sequences, ``[N, d]`` items."""
+        """``EncoderOutput(z_t, z_v, e_t, e_v)``: ``[B, d]`` sequences, ``[N, d]`` items. Item-level batches
+        (SDA's stage 1: no sequence rows, ``B = 0``) encode the items only and return ``[0, d]`` sequences."""
         if self.fusion == "external":
+            if not len(seq_titles):
+                e_t, e_v = self.encoder.encode_items(item_titles, item_images)
+                return EncoderOutput(e_t[:0], e_v[:0], e_t, e_v)
             return self.encoder(seq_titles, seq_images, item_titles, item_images)
         z = self.encoder.encode_interleaved(seq_titles, seq_images)
         e = self.encoder.encode_interleaved([[t] for t in item_titles], [[im] for im in item_images])

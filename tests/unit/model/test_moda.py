@@ -155,3 +155,60 @@ def test_checkpoint_context_replays_on_every_recomputation() -> None:
     loss.backward()
     assert current_modality() is None
     assert torch.allclose(first, ref) and torch.allclose(layer.lora_A.grad, ref)
+
+
+def test_moda_config_validation() -> None:
+    from vlm2rec_ray.config import ConfigError, TrainJobConfig, load_config
+
+    with pytest.raises(ConfigError, match="divisible by num_experts"):
+        load_config(TrainJobConfig, None, ["data.dataset_uri=/tmp/d", "output_uri=/tmp/o", "lora.kind=moda", "lora.r=12",
+                                    "lora.num_experts=8"])
+    with pytest.raises(ConfigError, match="fusion=internal"):
+        load_config(TrainJobConfig, None, ["data.dataset_uri=/tmp/d", "output_uri=/tmp/o", "lora.kind=moda",
+                                    "model.fusion=internal", "objective.variant=sft"])
+
+
+def test_moda_export_reloads_through_load_backbone(tiny_backbone_dir, tmp_path) -> None:
+    """A MoDA run's export (base weights + moda_config.json + moda.safetensors) reloads through load_backbone
+    and embeds exactly as the in-training model; an item-level batch encodes items only."""
+    from PIL import Image
+
+    from vlm2rec_ray.config import TrainJobConfig, load_config
+    from vlm2rec_ray.model.backbone import load_backbone
+    from vlm2rec_ray.model.encoder import VLM2RecEncoder
+    from vlm2rec_ray.model.moda import MoDALinear
+    from vlm2rec_ray.train.export import build_cpu_model, save_export
+    from vlm2rec_ray.train.loop import build_train_module
+    from vlm2rec_ray.train.module import BACKBONE_PREFIX, TrainModule
+
+    cfg = load_config(TrainJobConfig, None, [f"model.name={tiny_backbone_dir}", "data.dataset_uri=/tmp/d",
+                                      f"output_uri={tmp_path / 'o'}", "lora.kind=moda", "lora.r=4",
+                                      "lora.num_experts=2", "lora.dropout=0", "objective.variant=cmsa",
+                                      "train.precision=fp32"])
+    module = build_train_module(cfg, torch.device("cpu"))
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert "objective.temperature.rho" in trainable and any(n.endswith("lora_B") for n in trainable)
+    with torch.no_grad():
+        for mod in module.modules():
+            if isinstance(mod, MoDALinear):
+                mod.lora_B.normal_(std=0.1)
+    module.eval()
+    titles, images = ["red mug", "blue lamp"], [Image.new("RGB", (56, 56), c) for c in ((200, 0, 0), (0, 0, 200))]
+    with torch.no_grad():
+        out = module([], [], titles, images)
+        assert out.z_t.shape == (0, out.e_t.shape[1])
+        trained = {n[len(BACKBONE_PREFIX):]: p.detach().clone() for n, p in module.named_parameters()
+                   if p.requires_grad and n.startswith(BACKBONE_PREFIX)}
+    backbone, processor = build_cpu_model(cfg, trained)
+    saved = save_export(cfg, backbone, processor, tmp_path / "export")
+    assert saved["files"] == {"moda": ".", "merged": "."}
+    assert (tmp_path / "export" / "moda_config.json").exists() and not (tmp_path / "export" / "adapter").exists()
+    reloaded, proc = load_backbone(str(tmp_path / "export"), device="cpu", dtype="fp32")
+    assert sum(isinstance(m, MoDALinear) for m in reloaded.modules()) == 8  # q/k/v/o x 2 layers
+    with torch.no_grad():
+        e_t, e_v = TrainModule(VLM2RecEncoder(reloaded, proc), None)([], [], titles, images)[2:]
+    assert torch.allclose(e_t, out.e_t, atol=1e-5) and torch.allclose(e_v, out.e_v, atol=1e-5)
+    base, _ = load_backbone(str(tiny_backbone_dir), device="cpu", dtype="fp32")
+    with torch.no_grad():
+        e_base = VLM2RecEncoder(base, proc).encode_text_items(titles)
+    assert not torch.allclose(e_base, e_t, atol=1e-4)  # the adapters matter

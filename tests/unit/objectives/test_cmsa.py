@@ -67,3 +67,37 @@ def test_teacher_gradient_and_learnable_tau() -> None:
 def test_bad_inputs(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         cmsa_loss(**kwargs)
+
+
+def test_cmsa_variant_learns_tau_and_trains_items_only() -> None:
+    """objective.variant=cmsa: tau starts at tau_cmsa (3.0) and is a parameter that receives a gradient; the
+    loss equals cmsa_loss on the items; item-level batches (no sequences) log no margins."""
+    from vlm2rec_ray.config import ObjectiveConfig
+    from vlm2rec_ray.objectives import build_objective
+
+    obj = build_objective(ObjectiveConfig(variant="cmsa"))
+    assert obj.item_level and obj.temperature is not None
+    assert [n for n, p in obj.named_parameters()] == ["temperature.rho"]
+    torch.manual_seed(0)
+    e_t, e_v = torch.randn(4, 3), torch.randn(4, 3)
+    out = obj(e_t[:0], e_v[:0], e_t, e_v)
+    assert out.total.item() == pytest.approx(cmsa_loss(e_t, e_v, 3.0).item(), rel=1e-5)
+    out.total.backward()
+    assert obj.temperature.rho.grad is not None and obj.temperature.rho.grad.abs().item() > 0
+    metrics = out.metrics()
+    assert metrics["tau"] == pytest.approx(3.0, rel=1e-5) and "margin_text" not in metrics
+    fixed = build_objective(ObjectiveConfig(variant="cmsa", learnable_tau=False, tau_cmsa=1.0, cmsa_divergence="kl"))
+    assert list(fixed.parameters()) == []
+    eye = torch.eye(2)
+    assert fixed(eye[:0], eye[:0], eye, eye).total.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_cmsa_variant_with_sequence_rows_logs_margins() -> None:
+    from vlm2rec_ray.config import ObjectiveConfig
+    from vlm2rec_ray.objectives import build_objective
+
+    torch.manual_seed(1)
+    z_t, z_v, e_t, e_v = (torch.randn(3, 4) for _ in range(4))
+    out = build_objective(ObjectiveConfig(variant="cmsa"))(z_t, z_v, e_t, e_v)
+    m = out.metrics()
+    assert {"margin_text", "margin_image", "loss_crtr"} <= m.keys() and not out.crtr.requires_grad

@@ -12,6 +12,7 @@ from vlm2rec_ray.objectives import (
     OBJECTIVES,
     PenaltyParameters,
     build_objective,
+    cmsa_loss,
     crtr_loss,
     info_nce,
     register_objective,
@@ -34,6 +35,11 @@ def test_variants_match_the_pure_functions(variant: str) -> None:
     obj = build_objective(cfg)
     z_t, z_v, e_t, e_v = _batch()
     out = obj(z_t, z_v, e_t, e_v)
+    if variant == "cmsa":  # SDA's objective: items only, its own learnable temperature (init 3.0), no penalty
+        assert out.total.item() == pytest.approx(cmsa_loss(e_t, e_v, 3.0).item(), rel=1e-5)
+        assert out.alpha is None and out.tau.item() == pytest.approx(3.0, rel=1e-6)
+        assert [n for n, _ in obj.named_parameters()] == ["temperature.rho"]
+        return
     assert out.alpha.item() == pytest.approx(1.0, rel=1e-6) and out.beta.item() == pytest.approx(1.0, rel=1e-6)
     fused = info_nce(z_t + z_v, e_t + e_v, 0.2)
     crtr = crtr_loss(z_t, z_v, e_t, e_v, 0.1)

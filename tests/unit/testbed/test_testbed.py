@@ -162,3 +162,30 @@ def test_format_study_reports_every_run() -> None:
     text = format_study(result)
     assert "| SFT | 0.5000 ± 0.0100 |" in text and "| 10 | 0.900 / 0.300 |" in text
     assert text.count('| {"lr": 0.001} |') == 3  # every tuning run is listed
+
+
+def test_sda_run_trains_items_with_moda_and_scores_task2(tiny_backbone_dir: Path, dataset_dir: Path,
+                                                         data: TestbedData) -> None:
+    """SDA's stage 1 in the testbed: objective cmsa on the split's distinct items (no sequences), MoDA adapters,
+    learnable tau; the run's metrics carry Task 2 (SASRec on the frozen item embeddings, SDA's stage 2) and the
+    gradient-conflict curve cos(g_T, g_V)."""
+    from vlm2rec_ray.model.moda import MoDALinear
+
+    cfg = _cfg(tiny_backbone_dir, dataset_dir, max_steps=2)
+    cfg = TrainJobConfig.model_validate({**cfg.model_dump(mode="json"), "objective": {"variant": "cmsa"},
+                                         "lora": {"kind": "moda", "r": 4, "num_experts": 2, "dropout": 0.0}})
+    module, history = finetune(cfg, data)
+    losses = [r for r in history if "loss" in r]
+    assert [r["step"] for r in losses] == [1, 2] and "margin_text" not in losses[0]
+    assert losses[-1]["tau"] != pytest.approx(3.0, abs=1e-7)  # learnt from 3.0
+    assert any(isinstance(m, MoDALinear) for m in module.modules())
+    spec = {"id": "x", "phase": "final", "method": "SDA", "kind": "finetune", "point": {}, "seed": 0,
+            "splits": ["test"], "eval_seeds": [0], "num_negatives": 20, "task2": True,
+            "train": cfg.model_dump(mode="json")}
+    r = run_one(spec)
+    assert 0 <= r["metrics"]["test"]["task2_ndcg@20"] <= 1 and "cos_text_image" in r["curves"][0]
+    assert r["last"]["tau"] > 0
+    from vlm2rec_ray.testbed.study import _run_id
+
+    assert _run_id(spec) != _run_id({**spec, "task2": False})
+    assert _run_id({**spec, "task2": False}) == _run_id({k: v for k, v in spec.items() if k != "task2"})
