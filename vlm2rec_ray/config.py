@@ -312,8 +312,17 @@ class Task2Config(_Part):
     lr: float = Field(1e-3, gt=0.0)
     seed: int = 0
     embedding_column: Literal["emb_fused", "emb_text", "emb_image"] = "emb_fused"
+    frequency_edges: list[int] = Field(default_factory=lambda: [1, 5, 10, 20], description="cold-start buckets by "
+                                       "the target's training frequency: [1, 5, 10, 20] -> 0, 1-4, 5-9, 10-19, 20+")
     num_threads: int | None = Field(1, ge=1, description="torch CPU threads while training (tiny models run "
                                     "fastest on 1; raise for large catalogs; null = torch's default)")
+
+    @field_validator("frequency_edges")
+    @classmethod
+    def _edges(cls, v: list[int]) -> list[int]:
+        if not v or v != sorted(set(v)) or v[0] < 1:
+            raise ValueError(f"task2.frequency_edges={v} must be increasing positive integers, e.g. [1, 5, 10, 20]")
+        return v
 
     @model_validator(mode="after")
     def _heads(self) -> Task2Config:

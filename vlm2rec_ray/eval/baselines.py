@@ -7,8 +7,8 @@ overrides as dotted ``key=value`` arguments for ``vlm2rec train``::
     python -m vlm2rec_ray.eval.baselines VLM_SFT_internal     # -> model.fusion=internal objective.variant=sft
     python -m vlm2rec_ray.eval.baselines                      # lists the baselines
 
-Baselines: VLM_Vanilla (no training), VLM_SFT_internal, VLM_SFT_external, VLM2Rec, and the ablations
-ablation_no_stop_grad, ablation_no_penalty, ablation_no_crtr.
+Baselines: VLM_Vanilla (no training), VLM_SFT_internal, VLM_SFT_external, VLM2Rec, the ablations
+ablation_no_stop_grad, ablation_no_penalty, ablation_no_crtr, and SDA (CMSA + MoDA) and VLM2Rec_MoDA.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import yaml
 
 BASELINES_DIR = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "baselines"
 BASELINES = ("VLM_Vanilla", "VLM_SFT_internal", "VLM_SFT_external", "VLM2Rec",
-             "ablation_no_stop_grad", "ablation_no_penalty", "ablation_no_crtr")
+             "ablation_no_stop_grad", "ablation_no_penalty", "ablation_no_crtr", "SDA", "VLM2Rec_MoDA")
 
 __all__ = ["BASELINES", "BASELINES_DIR", "baseline_overrides", "load_baseline"]
 

@@ -30,6 +30,9 @@ TABLE_NOTES = {
                 "U = log mean exp(-2||z_s - e_i||^2) over (sequence, item) pairs (lower = more uniform).",
     "task2": "Task 2: SASRec / GRU4Rec (d=128) with randomly initialised ID embeddings ('id') or our frozen item "
              "embeddings through a trainable linear adapter ('ours'); same sampled-negative protocol as Task 1.",
+    "cold_start": "Cold start (paper Fig. 3): Task 2 NDCG at the first cut-off by the target item's training "
+                  "frequency (its occurrences in the train split's histories and targets); users per bucket in the "
+                  "header. Bucket 0 = items training never showed: only content (our embeddings) can rank them.",
 }
 
 __all__ = ["RESULT_FILE", "TABLE_NOTES", "compare_runs", "format_table", "load_result", "summary_table", "tables"]
@@ -125,13 +128,39 @@ def _task2(results: Sequence[dict[str, Any]]) -> Table | None:
     return header, rows
 
 
+def frequency_buckets(results: Sequence[dict[str, Any]]) -> list[tuple[str, int]]:
+    """``(bucket, users)`` of Task 2's training-frequency buckets in the results, in order (first run's counts)."""
+    seen: dict[str, int] = {}
+    for r in results:
+        for t in r.get("task2") or []:
+            for b in t.get("by_frequency") or []:
+                seen.setdefault(b["bucket"], b["users"])
+    return list(seen.items())
+
+
+def _cold_start(results: Sequence[dict[str, Any]]) -> Table | None:
+    buckets = frequency_buckets(results)
+    if not buckets:
+        return None
+    k0 = _ks(results)[0]
+    header = ["run", "model", "init", *[f"{b} ({n} users)" for b, n in buckets]]
+    rows = []
+    for r in results:
+        for t in r.get("task2") or []:
+            got = {b["bucket"]: b.get(f"ndcg@{k0}") for b in t.get("by_frequency") or []}
+            rows.append([r["name"], t.get("model", "?"), t.get("init", "?"), *[_fmt(got.get(b)) for b, _ in buckets]])
+    return header, rows
+
+
 def tables(results: Sequence[dict[str, Any]]) -> dict[str, tuple[str, Table | None]]:
-    """Every table, keyed ``task1``, ``dropout``, ``geometry``, ``task2``: ``(title, (header, rows) | None)``."""
+    """Every table, keyed ``task1``, ``dropout``, ``geometry``, ``task2``, ``cold_start``: ``(title, (header,
+    rows) | None)``."""
     return {
         "task1": ("Task 1: retrieval with sequence and item embeddings", _task1(results)),
         "dropout": ("Modality dropout (f2f, t2f, v2f)", _dropout(results)),
         "geometry": ("Embedding geometry per modality (Table 1 layout)", _geometry(results)),
         "task2": ("Task 2: SASRec / GRU4Rec initialised from our embeddings", _task2(results)),
+        "cold_start": ("Cold start: Task 2 by the target's training frequency", _cold_start(results)),
     }
 
 

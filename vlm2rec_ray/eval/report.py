@@ -218,6 +218,38 @@ def plot_dropout(results: Sequence[dict[str, Any]], path: str | Path, *, k: int 
     return out
 
 
+def plot_cold_start(results: Sequence[dict[str, Any]], path: str | Path) -> Path | None:
+    """Fig. 3: Task 2 NDCG@k0 by the target's training-frequency bucket, a line per run, model and init.
+    Returns None when no result has the buckets."""
+    from vlm2rec_ray.eval.compare import frequency_buckets
+
+    buckets = frequency_buckets(results)
+    if not buckets:
+        return None
+    ks = sorted({int(m.split("@")[1]) for r in results for t in (r.get("task2") or [])
+                 for m in t.get("sampled", {}) if "@" in m}) or [10]
+    metric = f"ndcg@{ks[0]}"
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.0))
+    for r in results:
+        for t in r.get("task2") or []:
+            got = {b["bucket"]: b.get(metric) for b in t.get("by_frequency") or []}
+            ys = [float(got.get(b, float("nan"))) for b, _ in buckets]
+            ax.plot(range(len(buckets)), ys, marker="o", ms=4, linestyle="-" if t.get("init") == "ours" else "--",
+                    label=f"{r.get('name')} {t.get('model')} {t.get('init')}")
+    ax.set_xticks(range(len(buckets)), [f"{b}\n({n} users)" for b, n in buckets])
+    ax.set_xlabel("target item's training frequency")
+    ax.set_ylabel(metric.replace("ndcg", "NDCG"))
+    ax.set_title("Cold start: Task 2 by training frequency")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def _line_panels(histories: dict[str, list[dict[str, Any]]], panels: dict[str, tuple[str, ...]],
                  titles: dict[str, str], ylabel: str, path: str | Path, *, ylim: tuple[float, float] | None = None,
                  hline: float | None = None) -> Path:
@@ -358,6 +390,8 @@ def _render_html(title: str, results: Sequence[dict[str, Any]], figures: dict[st
         parts.append(f"<p class='note'>{html.escape(compare.TABLE_NOTES.get(section, ''))}</p>")
         if section == "dropout" and "dropout" in figures:
             parts.append(f"<img src='{figures['dropout']}' alt='modality dropout bars'>")
+        if section == "cold_start" and "cold_start" in figures:
+            parts.append(f"<img src='{figures['cold_start']}' alt='Task 2 by training frequency'>")
     parts.append("<h2>Training</h2>")
     for key, alt in (("grad_alignment", "gradient alignment"), ("loss", "loss curves"),
                      ("penalty", "WPCL margins and penalty parameters")):
@@ -402,6 +436,8 @@ def write_report(
         if any(r.get("dropout") for r in results):
             plot_dropout(results, local / "dropout.png")
             figures["dropout"] = "dropout.png"
+        if plot_cold_start(results, local / "cold_start.png") is not None:
+            figures["cold_start"] = "cold_start.png"
         if histories:
             plot_grad_alignment(histories, local / "grad_alignment.png")
             plot_losses(histories, local / "loss.png")

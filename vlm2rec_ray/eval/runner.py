@@ -129,7 +129,8 @@ def run_evaluation(cfg: EvalJobConfig, *, progress: Callable[[str], None] | None
                                  num_threads=t2.num_threads)
         train = read_split(cfg.dataset_uri, "train", endpoint=endpoint)
         result["task2"] = run_task2(train, test, items, models=t2.models, embedding_column=t2.embedding_column,
-                                    settings=settings, num_negatives=cfg.num_negatives, seeds=cfg.seeds, ks=cfg.ks)
+                                    settings=settings, num_negatives=cfg.num_negatives, seeds=cfg.seeds, ks=cfg.ks,
+                                    frequency_edges=t2.frequency_edges)
         timings["task2"] = time.perf_counter() - t0
         _log(progress, f"task 2: {len(result['task2'])} models trained in {timings['task2']:.1f}s")
     result["timings_s"] = {k: round(v, 3) for k, v in timings.items()}

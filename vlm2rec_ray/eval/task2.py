@@ -16,12 +16,15 @@ Scores are ``user_state @ item_table.T``. The item table is built one of two way
 
 Training: the train split's rows (history -> target) with full-softmax cross-entropy over all items; AdamW.
 Evaluation: leave-one-out on the test split with the Task 1 protocol (target + 100 negatives drawn
-uniformly from items outside the history, averaged over seeds; :func:`vlm2rec_ray.eval.task1.sample_negatives`).
+uniformly from items outside the history, averaged over seeds; :func:`vlm2rec_ray.eval.task1.sample_negatives`),
+overall and by the target item's training frequency (its occurrences in the train split, histories and targets;
+the paper's cold-start study, Fig. 3): :func:`frequency_bucket` names the bucket of each test row.
 Sized for CPU: a few hundred users and items train in seconds.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +44,7 @@ INITS = ("id", "ours")
 PAD = 0  # item index 0 is padding; real items are 1..N
 
 __all__ = [
+    "FREQUENCY_EDGES",
     "INITS",
     "MODELS",
     "GRU4Rec",
@@ -49,7 +53,9 @@ __all__ = [
     "build_vocab",
     "encode_split",
     "evaluate_task2",
+    "frequency_bucket",
     "run_task2",
+    "train_frequency",
 ]
 
 
@@ -213,6 +219,33 @@ def _build_model(kind: str, items: ItemTable, s: Task2Settings) -> nn.Module:
     raise ValueError(f"unknown Task 2 model {kind!r}; expected one of {list(MODELS)}")
 
 
+#: Default edges of the training-frequency buckets: 0 (cold), 1-4, 5-9, 10-19, 20+.
+FREQUENCY_EDGES = (1, 5, 10, 20)
+
+
+def train_frequency(train_split: pa.Table) -> dict[str, int]:
+    """``{item_id: occurrences}`` in the train split's histories and targets (how often training saw it)."""
+    counts: dict[str, int] = {}
+    for hist, target in zip(train_split.column("history").to_pylist(), train_split.column("target").to_pylist(),
+                            strict=True):
+        for item in (*hist, target):
+            counts[item] = counts.get(item, 0) + 1
+    return counts
+
+
+def frequency_bucket(count: int, edges: Sequence[int] = FREQUENCY_EDGES) -> str:
+    """The bucket label of a training frequency: with edges ``(1, 5, 10, 20)``: ``0``, ``1-4``, ``5-9``,
+    ``10-19``, ``20+``."""
+    if list(edges) != sorted(set(edges)) or not edges or edges[0] < 1:
+        raise ValueError(f"frequency edges must be increasing positive integers, got {list(edges)}")
+    if count < edges[0]:
+        return "0" if edges[0] == 1 else f"0-{edges[0] - 1}"
+    for lo, hi in itertools.pairwise(edges):
+        if count < hi:
+            return str(lo) if hi == lo + 1 else f"{lo}-{hi - 1}"
+    return f"{edges[-1]}+"
+
+
 def evaluate_task2(
     train_split: pa.Table,
     test_split: pa.Table,
@@ -225,6 +258,7 @@ def evaluate_task2(
     num_negatives: int = 100,
     seeds: Sequence[int] = (0, 1, 2),
     ks: Sequence[int] = (10, 20),
+    frequency_edges: Sequence[int] = FREQUENCY_EDGES,
 ) -> dict[str, Any]:
     """Train one next-item model on the train split and evaluate it leave-one-out on the test split.
 
@@ -238,10 +272,12 @@ def evaluate_task2(
         embedding_column: which item embedding feeds the adapter.
         settings: model and optimisation hyper-parameters.
         num_negatives, seeds, ks: the evaluation protocol (same as Task 1).
+        frequency_edges: bucket edges of the target's training frequency (:func:`frequency_bucket`).
 
     Returns:
-        ``{"sampled": {"hit@10": ..}, "sampled_std": {..}, "model", "init", "num_users", "num_items",
-        "items_without_embedding", "final_train_loss", "train_seconds"}``.
+        ``{"sampled": {"hit@10": ..}, "sampled_std": {..}, "by_frequency": [{"bucket", "users", "hit@10",
+        ..}, ..], "model", "init", "num_users", "num_items", "items_without_embedding", "final_train_loss",
+        "train_seconds"}``; ``by_frequency`` lists the non-empty buckets in order, metrics averaged over seeds.
     """
     s = settings or Task2Settings()
     previous_threads = torch.get_num_threads()
@@ -249,14 +285,15 @@ def evaluate_task2(
         torch.set_num_threads(s.num_threads)
     try:
         return _train_and_evaluate(train_split, test_split, model, init, item_table, embedding_column, s,
-                                   num_negatives, seeds, ks)
+                                   num_negatives, seeds, ks, frequency_edges)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _train_and_evaluate(train_split: pa.Table, test_split: pa.Table, model: str, init: str,
                         item_table: pa.Table | None, embedding_column: str, s: Task2Settings,
-                        num_negatives: int, seeds: Sequence[int], ks: Sequence[int]) -> dict[str, Any]:
+                        num_negatives: int, seeds: Sequence[int], ks: Sequence[int],
+                        frequency_edges: Sequence[int] = FREQUENCY_EDGES) -> dict[str, Any]:
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; expected one of {list(INITS)}")
     if init == "ours" and item_table is None:
@@ -300,16 +337,28 @@ def _train_and_evaluate(train_split: pa.Table, test_split: pa.Table, model: str,
         table = net.items.weight()[1:].numpy()  # (N, dim)
     targets = test_y - 1
     histories = [row[row != PAD] - 1 for row in test_x]
-    per_seed = []
+    freq = train_frequency(train_split)
+    buckets = np.array([frequency_bucket(freq.get(t, 0), frequency_edges)
+                        for t in test_split.column("target").to_pylist()])
+    order = [b for b in dict.fromkeys(frequency_bucket(c, frequency_edges) for c in [0, *frequency_edges])
+             if (buckets == b).any()]
+    per_seed, per_bucket = [], {b: [] for b in order}
     for seed in seeds:
         negatives = sample_negatives(len(vocab), targets, histories, num_negatives, np.random.default_rng(int(seed)))
         cands = np.concatenate([targets[:, None], negatives], axis=1)  # (U, 1+K)
         scores = np.einsum("ud,ukd->uk", states, table[cands])  # dot product: the models' training score
-        per_seed.append(metrics.hit_ndcg_at_ks(scores[:, 0], scores[:, 1:], tuple(ks)))
+        ranks = metrics.sampled_ranks(scores[:, 0], scores[:, 1:]).numpy()  # (U,)
+        per_seed.append({f"{m}@{k}": v for k in ks
+                         for m, v in zip(("hit", "ndcg"), metrics.hit_ndcg_from_ranks(ranks, k), strict=True)})
+        for b in order:
+            per_bucket[b].append({f"{m}@{k}": v for k in ks for m, v in
+                                  zip(("hit", "ndcg"), metrics.hit_ndcg_from_ranks(ranks[buckets == b], k), strict=True)})
     keys = per_seed[0].keys()
     return {
         "sampled": {k: float(np.mean([m[k] for m in per_seed])) for k in keys},
         "sampled_std": {k: float(np.std([m[k] for m in per_seed])) for k in keys},
+        "by_frequency": [{"bucket": b, "users": int((buckets == b).sum()),
+                          **{k: float(np.mean([m[k] for m in per_bucket[b]])) for k in keys}} for b in order],
         "model": model,
         "init": init,
         "num_users": int(test_split.num_rows),
@@ -332,6 +381,7 @@ def run_task2(
     num_negatives: int = 100,
     seeds: Sequence[int] = (0, 1, 2),
     ks: Sequence[int] = (10, 20),
+    frequency_edges: Sequence[int] = FREQUENCY_EDGES,
 ) -> list[dict[str, Any]]:
     """Every (model, init) combination of :func:`evaluate_task2`; ``init="ours"`` is skipped without items.
 
@@ -345,5 +395,6 @@ def run_task2(
                 continue
             out.append(evaluate_task2(train_split, test_split, model=model, init=init, item_table=item_table,  # type: ignore[arg-type]
                                       embedding_column=embedding_column, settings=settings,
-                                      num_negatives=num_negatives, seeds=seeds, ks=ks))
+                                      num_negatives=num_negatives, seeds=seeds, ks=ks,
+                                      frequency_edges=frequency_edges))
     return out

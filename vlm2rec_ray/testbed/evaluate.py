@@ -68,7 +68,8 @@ def evaluate_encoder(encoder: VLM2RecEncoder, data: TestbedData, split: str, *, 
 
     Returns:
         ``{"task1": {"hit@10": ..}, "dropout": {"f2f"|"t2f"|"v2f": {..}}, "geometry": {"text"|"image"|"fused":
-        {"A_pos", "A_neg", "U", "S"}}}`` (+ ``"task2": {"hit@10": ..}``).
+        {"A_pos", "A_neg", "U", "S"}}}`` (+ ``"task2": {"hit@10": ..}``, ``"task2_by_frequency": [{"bucket", "users",
+        "hit@10", ..}]`` by the target's training frequency).
     """
     from vlm2rec_ray.eval.diagnostics import geometry_table, modality_dropout
     from vlm2rec_ray.eval.task1 import align_task1_inputs, evaluate_task1
@@ -84,8 +85,9 @@ def evaluate_encoder(encoder: VLM2RecEncoder, data: TestbedData, split: str, *, 
     if task2:
         from vlm2rec_ray.eval.task2 import evaluate_task2
 
-        result["task2"] = evaluate_task2(data.splits["train"], target, model="sasrec", init="ours", item_table=items,
-                                         num_negatives=num_negatives, seeds=seeds, ks=ks)["sampled"]
+        t2 = evaluate_task2(data.splits["train"], target, model="sasrec", init="ours", item_table=items,
+                            num_negatives=num_negatives, seeds=seeds, ks=ks)
+        result["task2"], result["task2_by_frequency"] = t2["sampled"], t2["by_frequency"]
     return result
 
 

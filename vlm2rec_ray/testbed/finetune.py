@@ -10,6 +10,7 @@ parts, penalty, margins, alpha, beta) and runs the gradient-alignment diagnostic
 A step holds ``per_device_batch_size * num_workers * grad_accum`` rows (one Ray Train step's rows). Each epoch
 visits the split's rows in a seeded order (``train.seed`` and the epoch), full batches only. Item-level
 objectives (``cmsa``, SDA's stage 1) train on the split's distinct items instead, each once per epoch.
+``data.few_shot_users = K`` keeps the rows of K users drawn with ``data.seed`` (as ``vlm2rec train`` does).
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ def finetune(cfg: TrainJobConfig, data: TestbedData, *, split: str = "train",
     params = [p for p in module.parameters() if p.requires_grad]
     objective = module.objective
     rows = data.rows(split)
+    if cfg.data.few_shot_users is not None:  # the paper's few-shot setting, sampled as the train job samples
+        users = sorted({u for u, _, _ in rows})
+        if cfg.data.few_shot_users < len(users):
+            keep = set(random.Random(cfg.data.seed).sample(users, cfg.data.few_shot_users))
+            rows = [r for r in rows if r[0] in keep]
     if objective.item_level:  # SDA's stage 1: every distinct item of the split once per epoch, no sequences
         rows = [("", [], i) for i in sorted({i for _, hist, target in rows for i in (*hist, target)})]
     batch_rows = t.per_device_batch_size * cfg.scaling.num_workers * t.grad_accum

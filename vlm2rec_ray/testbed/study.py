@@ -97,11 +97,14 @@ class MethodSpec(_Part):
 
 
 class AblationSpec(_Part):
-    """A method run at another method's chosen configuration with another objective variant."""
+    """A method run at another method's chosen configuration with another objective variant (and, e.g. for
+    the few-shot curve, other settings: ``overrides`` is merged over that method's own)."""
 
     name: str
     variant: str
     of: str
+    overrides: dict[str, Any] = Field(default_factory=dict, description="TrainJobConfig tree, e.g. "
+                                      "{data: {few_shot_users: 64}}")
 
 
 class StudyConfig(_Part):
@@ -159,6 +162,11 @@ class StudyConfig(_Part):
         for m in self.methods:  # every run's config must validate before anything starts
             for point in _grid(self, m)[:1]:
                 TrainJobConfig.model_validate(_train_tree(self, m.overrides, m.variant, point, 0, "x"))
+        by_name = {m.name: m for m in self.methods}
+        for a in self.ablations:
+            m = by_name[a.of]
+            TrainJobConfig.model_validate(_train_tree(self, _merge(m.overrides, a.overrides), a.variant,
+                                                      _grid(self, m)[0], 0, "x"))
         return self
 
 
@@ -245,9 +253,11 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         module, history = finetune(cfg, data)
         encoder = module.encoder
     train_s = time.perf_counter() - started
-    metrics = {split: headline(evaluate_encoder(encoder, data, split, num_negatives=spec["num_negatives"],
-                                                seeds=spec["eval_seeds"], task2=bool(spec.get("task2"))))
+    results = {split: evaluate_encoder(encoder, data, split, num_negatives=spec["num_negatives"],
+                                       seeds=spec["eval_seeds"], task2=bool(spec.get("task2")))
                for split in spec["splits"]}
+    metrics = {split: headline(r) for split, r in results.items()}
+    by_frequency = {split: r["task2_by_frequency"] for split, r in results.items() if "task2_by_frequency" in r}
     losses = [r for r in history if "loss" in r]
     last = {k: losses[-1][k] for k in TRAIN_KEYS if losses and k in losses[-1]}
     curves = [{"step": r["step"], "cos_total_text": r["grad_align/cos_total_text"],
@@ -256,7 +266,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     margins = [{"step": r["step"], **{k: r[k] for k in ("margin_text", "margin_image", "loss_crtr", "penalty_mean",
                                                         "tau") if k in r}} for r in losses]
     return {**{k: spec[k] for k in ("id", "phase", "method", "kind", "point", "seed")}, "metrics": metrics,
-            "last": last, "curves": curves, "margins": margins, "train_s": round(train_s, 1)}
+            "last": last, "curves": curves, "margins": margins, "train_s": round(train_s, 1),
+            **({"task2_by_frequency": by_frequency} if by_frequency else {})}
 
 
 # ------------------------------------------------------------------------------------------------ orchestration
@@ -337,7 +348,7 @@ def run_study(cfg: StudyConfig, *, progress: Callable[[str], None] = print) -> d
                              task2=cfg.task2)]
         overrides = {m.name: m.overrides for m in cfg.methods}
         entries = [(m.name, m.variant, m.overrides, chosen[m.name]) for m in cfg.methods]
-        entries += [(a.name, a.variant, overrides[a.of], chosen[a.of]) for a in cfg.ablations]
+        entries += [(a.name, a.variant, _merge(overrides[a.of], a.overrides), chosen[a.of]) for a in cfg.ablations]
         for name, variant, ovr, point in entries:
             finals_specs += [spec("final", name, variant, ovr, point, s, ["valid", "test"], task2=cfg.task2)
                              for s in cfg.final_seeds]
@@ -365,6 +376,12 @@ def _summarise(cfg: StudyConfig, backbone: str, tuning: dict[str, list[dict[str,
             row[split] = {k: _mean_std([r["metrics"][split][k] for r in runs]) for k in HEADLINE + TASK2
                           if all(k in r["metrics"][split] for r in runs)}
         row["per_seed_test"] = [{"seed": r["seed"], **r["metrics"]["test"]} for r in runs]
+        if all("test" in r.get("task2_by_frequency", {}) for r in runs):  # cold start: Task 2 by frequency
+            buckets = [b["bucket"] for b in runs[0]["task2_by_frequency"]["test"]]
+            row["task2_by_frequency"] = [
+                {"bucket": b, "users": runs[0]["task2_by_frequency"]["test"][i]["users"],
+                 **{k: _mean_std([r["task2_by_frequency"]["test"][i][k] for r in runs]) for k in ("hit@10", "ndcg@20")}}
+                for i, b in enumerate(buckets)]
         row["train_last"] = {k: _mean_std([r["last"][k] for r in runs if k in r["last"]])
                              for k in TRAIN_KEYS if any(k in r["last"] for r in runs)}
         steps = sorted({c["step"] for r in runs for c in r["curves"]})
@@ -432,6 +449,16 @@ def format_study(result: dict[str, Any]) -> str:
                 ga = result["final"][n]["grad_alignment"]
                 cells.append(f"{ga[i]['cos_total_text']:.3f} / {ga[i]['cos_total_image']:.3f}" if i < len(ga) else "-")
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    cold = [n for n, row in result["final"].items() if row.get("task2_by_frequency")]
+    if cold:
+        buckets = result["final"][cold[0]]["task2_by_frequency"]
+        lines += ["", "Cold start (the paper's Fig. 3): Task 2 NDCG@20 on test by the target item's training frequency "
+                  "(occurrences in the train split), mean ± std over seeds:", "",
+                  "| method | " + " | ".join(f"{b['bucket']} ({b['users']} users)" for b in buckets) + " |",
+                  "|---" * (len(buckets) + 1) + "|"]
+        for n in cold:
+            lines.append(f"| {n} | " + " | ".join(_fmt(b["ndcg@20"]) for b in result["final"][n]["task2_by_frequency"])
+                         + " |")
     if any("cos_text_image" in p for n in named for p in result["final"][n]["grad_alignment"]):
         lines += ["", "Gradient conflict cos(g_T, g_V) on the trainable adapters by step (mean over seeds; SDA reports "
                   "it for LoRA vs MoDA):", "", "| step | " + " | ".join(named) + " |", "|---" * (len(named) + 1) + "|"]

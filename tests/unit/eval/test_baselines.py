@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from vlm2rec_ray.config import ModelConfig, ObjectiveConfig, parse_overrides
+from vlm2rec_ray.config import LoraConfig, ModelConfig, ObjectiveConfig, parse_overrides
 from vlm2rec_ray.eval.baselines import BASELINES, BASELINES_DIR, baseline_overrides, load_baseline
 
 
@@ -17,7 +17,8 @@ def test_every_baseline_is_a_valid_override_set() -> None:
         meta = load_baseline(name)["baseline"]
         assert meta["name"] == name and isinstance(meta["trained"], bool) and meta["description"]
         tree = parse_overrides(baseline_overrides(name))
-        assert set(tree) <= {"model", "objective"}, tree
+        assert set(tree) <= {"model", "objective", "lora"}, tree
+        LoraConfig.model_validate(tree.get("lora", {}))
         ModelConfig.model_validate({"name": "x", **tree.get("model", {})})
         variants[name] = (ObjectiveConfig.model_validate(tree.get("objective", {})).variant if meta["trained"]
                           else None, tree["model"]["fusion"])
@@ -29,7 +30,10 @@ def test_every_baseline_is_a_valid_override_set() -> None:
         "ablation_no_stop_grad": ("no_stop_grad", "external"),
         "ablation_no_penalty": ("no_penalty", "external"),
         "ablation_no_crtr": ("no_crtr", "external"),
+        "SDA": ("cmsa", "external"),
+        "VLM2Rec_MoDA": ("vlm2rec", "external"),
     }
+    assert "lora.kind=moda" in baseline_overrides("SDA") and "lora.num_experts=8" in baseline_overrides("VLM2Rec_MoDA")
     assert baseline_overrides("VLM_SFT_internal") == ["model.fusion=internal", "objective.variant=sft"]
 
 

@@ -43,7 +43,9 @@ def _result(name: str, v2f: float) -> dict[str, Any]:
                   "num_negatives": 100, "seeds": [0, 1, 2], "skipped": {"no_sequence_embedding": 3}},
         "dropout": {"f2f": m, "t2f": {**m, "hit@10": 0.45}, "v2f": {**m, "hit@10": v2f, "ndcg@10": v2f / 2}},
         "geometry": {mod: {"A_pos": 0.5, "A_neg": 0.2, "U": -2.5, "S": 0.3} for mod in ("text", "image", "fused")},
-        "task2": [{"model": "sasrec", "init": i, "sampled": m, "train_seconds": 1.0} for i in ("id", "ours")],
+        "task2": [{"model": "sasrec", "init": i, "sampled": m, "train_seconds": 1.0,
+                   "by_frequency": [{"bucket": "0", "users": 20, **m, "ndcg@10": 0.1 if i == "id" else 0.25},
+                                    {"bucket": "1-4", "users": 180, **m}]} for i in ("id", "ours")],
     }
 
 
@@ -71,19 +73,20 @@ def test_training_metrics_readers(tmp_path: Path) -> None:
 def test_report_html_and_pngs(tmp_path: Path) -> None:
     results = [_result("VLM_SFT", 0.15), _result("VLM2Rec", 0.4)]
     out = write_report(str(tmp_path / "rep"), results, {"VLM_SFT": _history("sft"), "VLM2Rec": _history("vlm2rec")})
-    assert set(out) == {"html", "dropout", "grad_alignment", "loss", "penalty"}
-    for key in ("dropout", "grad_alignment", "loss", "penalty"):
+    assert set(out) == {"html", "dropout", "grad_alignment", "loss", "penalty", "cold_start"}
+    for key in ("dropout", "grad_alignment", "loss", "penalty", "cold_start"):
         with Image.open(out[key]) as im:
             assert im.format == "PNG" and im.width >= 600 and im.height >= 300
     page = Path(out["html"]).read_text()
     for text in ("VLM_SFT", "VLM2Rec", "Modality dropout", "Table 1 layout", "Task 2", "src='dropout.png'",
-                 "src='grad_alignment.png'", "src='loss.png'", "0.1500", "3 no sequence embedding"):
+                 "src='grad_alignment.png'", "src='loss.png'", "0.1500", "3 no sequence embedding",
+                 "Cold start", "src='cold_start.png'", "0 (20 users)"):
         assert text in page, text
     # No training metrics (e.g. VLM_Vanilla): no curves, and the page says why instead of failing.
     sft_only = write_report(str(tmp_path / "sft"), results[:1], {"VLM_SFT": _history("sft")})
     assert "penalty" not in sft_only  # nothing of WPCL was logged, so no empty figure
     out2 = write_report(str(tmp_path / "rep2"), [_result("VLM_Vanilla", 0.1)], {"VLM_Vanilla": []})
-    assert set(out2) == {"html", "dropout"}
+    assert set(out2) == {"html", "dropout", "cold_start"}
     assert "No training metrics were given" in Path(out2["html"]).read_text()
     with pytest.raises(ValueError, match=r"at least one evaluation result"):
         write_report(str(tmp_path / "rep3"), [])
@@ -99,7 +102,10 @@ def test_compare_tables() -> None:
     assert "Embedding geometry" in text and "0.5000±0.0100" in text
     lines = format_table(["a", "bb"], [["x", "1"], ["yyy", "22"]]).splitlines()
     assert lines == ["a    bb", "---  --", "x     1", "yyy  22"]
-    assert tables([{"name": "n"}])["geometry"][1] is None
+    assert tables([{"name": "n"}])["geometry"][1] is None and tables([{"name": "n"}])["cold_start"][1] is None
+    header, rows = tables(results)["cold_start"][1]
+    assert header == ["run", "model", "init", "0 (20 users)", "1-4 (180 users)"]
+    assert rows == [["VLM_SFT", "sasrec", "id", "0.1000", "0.3000"], ["VLM_SFT", "sasrec", "ours", "0.2500", "0.3000"]]
 
 
 def test_evaluate_cli_end_to_end(tmp_path: Path) -> None:
@@ -128,6 +134,7 @@ def test_evaluate_cli_end_to_end(tmp_path: Path) -> None:
     sft, ours = (load_result(str(o)) for o in outs)
     assert sft["dropout"]["v2f"]["hit@10"] < 0.3 < ours["dropout"]["v2f"]["hit@10"]
     assert [(t["model"], t["init"]) for t in ours["task2"]] == [("gru4rec", "id"), ("gru4rec", "ours")]
+    assert sum(b["users"] for b in ours["task2"][1]["by_frequency"]) == 40 and (outs[1] / "cold_start.png").exists()
     assert ours["config"]["seeds"] == [0] and ours["task1"]["num_users"] == 40
 
     res = runner.invoke(app, ["evaluate", "--compare", *map(str, outs), "--report", str(tmp_path / "cmp")])
