@@ -124,6 +124,9 @@ class StudyConfig(_Part):
     tau_cmsa: list[float] = Field(default_factory=lambda: [0.3, 1.0, 3.0, 10.0], description="CMSA's initial tau")
     task2: bool = Field(False, description="also score Task 2 (SASRec on the frozen item embeddings) in the final "
                         "runs (and in the tuning runs of methods that select on it)")
+    transfer: dict[str, StudyDataConfig] = Field(default_factory=dict, description="zero-shot target domains "
+                                                 "(other synthetic catalogs): every final run is also scored on "
+                                                 "each one's test split, untrained there (the paper's Table 6)")
     budget: int = Field(24, ge=1, description="tuning runs per method")
     search_seed: int = 0
     select_metric: str = Field("ndcg@20", description="valid-split metric that picks each method's config")
@@ -194,7 +197,8 @@ def _train_tree(cfg: StudyConfig, overrides: dict[str, Any], variant: str, point
 
 
 def _run_id(spec: dict[str, Any]) -> str:
-    keys = ("kind", "train", "splits", "eval_seeds", "num_negatives") + (("task2",) if spec.get("task2") else ())
+    optional = [k for k in ("task2", "transfer") if spec.get(k)]  # absent from older runs' ids
+    keys = ("kind", "train", "splits", "eval_seeds", "num_negatives", *optional)
     blob = json.dumps({k: spec[k] for k in keys}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -256,6 +260,10 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     results = {split: evaluate_encoder(encoder, data, split, num_negatives=spec["num_negatives"],
                                        seeds=spec["eval_seeds"], task2=bool(spec.get("task2")))
                for split in spec["splits"]}
+    for name, uri in (spec.get("transfer") or {}).items():  # zero-shot: scored on another domain, not trained there
+        other = _data(uri, cfg.model.min_pixels, cfg.model.max_pixels)
+        results[f"{name}/test"] = evaluate_encoder(encoder, other, "test", num_negatives=spec["num_negatives"],
+                                                   seeds=spec["eval_seeds"], task2=bool(spec.get("task2")))
     metrics = {split: headline(r) for split, r in results.items()}
     by_frequency = {split: r["task2_by_frequency"] for split, r in results.items() if "task2_by_frequency" in r}
     losses = [r for r in history if "loss" in r]
@@ -288,15 +296,20 @@ def run_study(cfg: StudyConfig, *, progress: Callable[[str], None] = print) -> d
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    d = cfg.dataset
-    settings = d.model_dump()
-    marker = out / "dataset" / "synthetic.json"
-    written = json.loads(marker.read_text()) if marker.exists() else None
-    if written is None or {k: written.get(k, 0.0 if k == "coupling" else None) for k in settings} != settings:
-        progress(f"dataset -> {out / 'dataset'}")
-        generate_synthetic(str(out / "dataset"), num_items=d.num_items, num_users=d.num_users,
-                           image_only_signal=d.image_only_signal, image_size=d.image_size, seed=d.seed,
-                           coupling=d.coupling)
+
+    def ensure_dataset(path: Path, d: StudyDataConfig) -> str:
+        settings = d.model_dump()
+        marker = path / "synthetic.json"
+        written = json.loads(marker.read_text()) if marker.exists() else None
+        if written is None or {k: written.get(k, 0.0 if k == "coupling" else None) for k in settings} != settings:
+            progress(f"dataset -> {path}")
+            generate_synthetic(str(path), num_items=d.num_items, num_users=d.num_users,
+                               image_only_signal=d.image_only_signal, image_size=d.image_size, seed=d.seed,
+                               coupling=d.coupling)
+        return str(path)
+
+    ensure_dataset(out / "dataset", cfg.dataset)
+    transfer = {name: ensure_dataset(out / f"transfer-{name}", d) for name, d in cfg.transfer.items()}
     backbone = cfg.backbone or str(ensure_pretrained_backbone(build_dir() / "backbones", progress=progress))
     progress(f"backbone: {backbone}")
     runs_path = out / "runs.jsonl"
@@ -328,7 +341,8 @@ def run_study(cfg: StudyConfig, *, progress: Callable[[str], None] = print) -> d
     def spec(phase: str, method: str, variant: str, overrides: dict[str, Any], point: dict[str, float], seed: int,
              splits: list[str], kind: str = "finetune", task2: bool = False) -> dict[str, Any]:
         return {"phase": phase, "method": method, "kind": kind, "point": point, "seed": seed, "splits": splits,
-                **({"task2": True} if task2 else {}),
+                **({"task2": True} if task2 else {}), **({"transfer": transfer} if phase == "final" and transfer
+                                                          else {}),
                 "eval_seeds": list(cfg.eval_seeds), "num_negatives": cfg.num_negatives,
                 "train": TrainJobConfig.model_validate(_train_tree(cfg, overrides, variant, point, seed, backbone))
                 .model_dump(mode="json")}
@@ -360,6 +374,7 @@ def run_study(cfg: StudyConfig, *, progress: Callable[[str], None] = print) -> d
     (out / f"{cfg.name}.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / f"{cfg.name}.md").write_text(format_study(result))
     _plot_alignment(result, out / ("grad_alignment.png" if cfg.name == "study" else f"{cfg.name}_grad_alignment.png"))
+    _plot_few_shot(result, out / f"{cfg.name}_few_shot.png")
     return result
 
 
@@ -372,9 +387,10 @@ def _summarise(cfg: StudyConfig, backbone: str, tuning: dict[str, list[dict[str,
     table: dict[str, Any] = {}
     for name, runs in by_method.items():
         row: dict[str, Any] = {"seeds": [r["seed"] for r in runs], "point": runs[0]["point"]}
-        for split in ("valid", "test"):
-            row[split] = {k: _mean_std([r["metrics"][split][k] for r in runs]) for k in HEADLINE + TASK2
-                          if all(k in r["metrics"][split] for r in runs)}
+        for split in ("valid", "test", *(f"{name}/test" for name in cfg.transfer)):
+            if all(split in r["metrics"] for r in runs):
+                row[split] = {k: _mean_std([r["metrics"][split][k] for r in runs]) for k in HEADLINE + TASK2
+                              if all(k in r["metrics"][split] for r in runs)}
         row["per_seed_test"] = [{"seed": r["seed"], **r["metrics"]["test"]} for r in runs]
         if all("test" in r.get("task2_by_frequency", {}) for r in runs):  # cold start: Task 2 by frequency
             buckets = [b["bucket"] for b in runs[0]["task2_by_frequency"]["test"]]
@@ -449,6 +465,29 @@ def format_study(result: dict[str, Any]) -> str:
                 ga = result["final"][n]["grad_alignment"]
                 cells.append(f"{ga[i]['cos_total_text']:.3f} / {ga[i]['cos_total_image']:.3f}" if i < len(ga) else "-")
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    domains = list(cfg.get("transfer") or {})
+    if domains:
+        keys = [k for k in ("ndcg@20", "t2f_hit@10", "v2f_hit@10", "task2_ndcg@20")
+                if all(k in row.get(f"{d}/test", {}) for row in result["final"].values() for d in domains)]
+        lines += ["", "Cross-domain, zero-shot (the paper's Table 6): trained on the study's catalog, scored on another "
+                  "catalog's test split without training there (Task 2's SASRec does train on that domain's train "
+                  "split, over the frozen embeddings); mean ± std over seeds:", "",
+                  "| method | " + " | ".join(f"{d}: {k}" for d in domains for k in keys) + " |",
+                  "|---" * (len(domains) * len(keys) + 1) + "|"]
+        for name, row in result["final"].items():
+            lines.append(f"| {name} | " + " | ".join(_fmt(row[f"{d}/test"][k]) if f"{d}/test" in row else "-"
+                                                   for d in domains for k in keys) + " |")
+    curves = few_shot_curves(result)
+    if curves:
+        keys = [k for k in ("ndcg@20", "task2_ndcg@20") if all(k in m for pts in curves.values() for _, m in pts)]
+        lines += ["", "Few shot (the paper's Table 7): test NDCG@20 by the number K of users whose rows train the "
+                  "model (drawn with data.seed; 'all' is the method's own row), mean ± std over seeds:", "",
+                  "| method | metric | " + " | ".join(str(k) if k is not None else "all"
+                                                     for k, _ in next(iter(curves.values()))) + " |",
+                  "|---" * (len(next(iter(curves.values()))) + 2) + "|"]
+        for method, points in curves.items():
+            for key in keys:
+                lines.append(f"| {method} | {key} | " + " | ".join(_fmt(m[key]) for _, m in points) + " |")
     cold = [n for n, row in result["final"].items() if row.get("task2_by_frequency")]
     if cold:
         buckets = result["final"][cold[0]]["task2_by_frequency"]
@@ -477,6 +516,48 @@ def format_study(result: dict[str, Any]) -> str:
             lines.append(f"| {json.dumps(r['point'])} | " + " | ".join(f"{r['valid'][c]:.4f}" for c in tcols) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def few_shot_curves(result: dict[str, Any]) -> dict[str, list[tuple[int | None, dict[str, tuple[float, float]]]]]:
+    """``{method: [(K, test metrics), ...]}`` for every method with ablations that set ``data.few_shot_users``
+    (the paper's Table 7), K ascending and ``None`` (all users: the method's own row) last."""
+    curves: dict[str, list[tuple[int | None, dict[str, tuple[float, float]]]]] = {}
+    for a in result["config"].get("ablations", []):
+        k = (a.get("overrides") or {}).get("data", {}).get("few_shot_users")
+        if k is not None and a["name"] in result["final"]:
+            curves.setdefault(a["of"], []).append((int(k), result["final"][a["name"]]["test"]))
+    for method, points in curves.items():
+        points.sort(key=lambda p: p[0])
+        if method in result["final"]:
+            points.append((None, result["final"][method]["test"]))
+    return curves
+
+
+def _plot_few_shot(result: dict[str, Any], path: Path) -> None:
+    curves = few_shot_curves(result)
+    if not curves:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("ndcg@20", "task2_ndcg@20") if all(k in m for pts in curves.values() for _, m in pts)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        for method, points in curves.items():
+            ks = [p[0] for p in points]
+            xs = list(range(len(points)))
+            ax.errorbar(xs, [m[key][0] for _, m in points], yerr=[m[key][1] for _, m in points], marker="o", ms=3,
+                        capsize=3, label=method)
+            ax.set_xticks(xs, [str(k) if k is not None else "all" for k in ks])
+        ax.set_title(("Task 2 " if key.startswith("task2") else "Task 1 ") + "NDCG@20 by sampled users K")
+        ax.set_xlabel("K (users in training)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _plot_alignment(result: dict[str, Any], path: Path) -> None:

@@ -209,3 +209,33 @@ def test_few_shot_users_keep_k_users_rows(tiny_backbone_dir: Path, dataset_dir: 
     with pytest.raises(ValueError, match="few_shot_users"):
         StudyConfig(ablations=[AblationSpec(name="bad", variant="vlm2rec", of="VLM2Rec",
                                             overrides={"data": {"few_shot_users": 0}})])
+
+
+def test_few_shot_curve_table() -> None:
+    from vlm2rec_ray.testbed.study import few_shot_curves
+
+    def row(v: float) -> dict[str, Any]:
+        return {"test": {"ndcg@20": (v, 0.01), "task2_ndcg@20": (v / 2, 0.0)}}
+
+    cfg = StudyConfig(ablations=[AblationSpec(name=f"VLM2Rec K={k}", variant="vlm2rec", of="VLM2Rec",
+                                              overrides={"data": {"few_shot_users": k}}) for k in (64, 32)])
+    result = {"config": cfg.model_dump(mode="json"),
+              "final": {"VLM2Rec": row(0.4), "VLM2Rec K=32": row(0.2), "VLM2Rec K=64": row(0.3)}}
+    curve = few_shot_curves(result)["VLM2Rec"]
+    assert [k for k, _ in curve] == [32, 64, None] and [m["ndcg@20"][0] for _, m in curve] == [0.2, 0.3, 0.4]
+
+
+def test_transfer_domain_scored_zero_shot(tiny_backbone_dir: Path, dataset_dir: Path, tmp_path: Path) -> None:
+    """A final run with transfer domains is also scored on each one's test split (Table 6's zero-shot)."""
+    from vlm2rec_ray.data.synthetic import generate_synthetic
+    from vlm2rec_ray.testbed.study import _run_id
+
+    other = tmp_path / "other"
+    generate_synthetic(str(other), num_items=30, num_users=20, image_size=16, seed=9, max_length=6)
+    cfg = _cfg(tiny_backbone_dir, dataset_dir)
+    spec = {"id": "x", "phase": "final", "method": "Vanilla", "kind": "vanilla", "point": {}, "seed": 0,
+            "splits": ["test"], "eval_seeds": [0], "num_negatives": 10, "transfer": {"other": str(other)},
+            "train": cfg.model_dump(mode="json")}
+    r = run_one(spec)
+    assert set(r["metrics"]) == {"test", "other/test"} and r["metrics"]["other/test"] != r["metrics"]["test"]
+    assert _run_id(spec) != _run_id({**spec, "transfer": {}})
