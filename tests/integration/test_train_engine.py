@@ -122,3 +122,38 @@ def test_lora_bf16_and_offload(process_group: None, tiny_backbone_dir: Path, tmp
     assert info["export_dtype"] == cfg.precision and info["export_max_abs_diff"] < tol, info
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
     print(f"{overrides}: export max diff {info['export_max_abs_diff']:.2e}")
+
+
+def test_sda_cmsa_moda_zero2_trains_items_and_exports(process_group: None, tiny_backbone_dir: Path,
+                                                      tmp_path: Path) -> None:
+    """The SDA baseline's settings (objective cmsa, lora.kind moda) under DeepSpeed ZeRO-2: item-level batches
+    (the loop drops the sequences) train every expert, gate and CMSA's tau; the export is the base weights plus
+    the MoDA files and reproduces the in-training embeddings."""
+    import dataclasses
+
+    from vlm2rec_ray.eval.baselines import baseline_overrides
+    from vlm2rec_ray.train import export
+    from vlm2rec_ray.train.deepspeed_config import build_deepspeed_config
+    from vlm2rec_ray.train.loop import _probe_embeddings, build_engine, train_step
+
+    cfg = load_config(TrainJobConfig, None, [
+        f"model.name={tiny_backbone_dir}", "model.min_pixels=3136", "model.max_pixels=3136",
+        "data.dataset_uri=unused", f"output_uri={tmp_path / 'out'}", "scaling.num_workers=1",
+        "train.per_device_batch_size=4", "train.lr=1e-2", "train.cpu_shm_allreduce=false", "train.zero_stage=2",
+        "lora.r=8", "lora.dropout=0", *baseline_overrides("SDA"), "lora.num_experts=4"])
+    engine, module = build_engine(cfg, build_deepspeed_config(cfg), torch.device("cpu"))
+    assert module.objective.item_level
+    before = export.fingerprints(module)
+    batch = _batch()
+    items = dataclasses.replace(batch, seq_titles=[], seq_images=[])
+    losses = [train_step(engine, items, module.objective, gather=False)["loss"] for _ in range(3)]
+    assert all(np.isfinite(losses)) and engine.global_steps == 3
+    after = export.fingerprints(module)
+    assert "objective.temperature.rho" in after and all(before[n] != after[n] for n in before), \
+        [n for n in before if before[n] == after[n]]
+    probe = _probe_embeddings(engine, batch)
+    info = export.export_trained_model(cfg, export.gather_trainable(module, rank=0), probe=(batch, probe))
+    assert info["files"] == {"moda": ".", "merged": "."} and info["export_max_abs_diff"] < 1e-4, info
+    assert (tmp_path / "out" / "moda_config.json").exists()
+    print(f"SDA (cmsa + moda) ZeRO-2: losses {[round(x, 4) for x in losses]}, export max diff "
+          f"{info['export_max_abs_diff']:.2e}")
