@@ -375,6 +375,7 @@ def run_study(cfg: StudyConfig, *, progress: Callable[[str], None] = print) -> d
     (out / f"{cfg.name}.md").write_text(format_study(result))
     _plot_alignment(result, out / ("grad_alignment.png" if cfg.name == "study" else f"{cfg.name}_grad_alignment.png"))
     _plot_few_shot(result, out / f"{cfg.name}_few_shot.png")
+    _plot_transfer(result, out / f"{cfg.name}_transfer.png")
     return result
 
 
@@ -554,6 +555,37 @@ def _plot_few_shot(result: dict[str, Any], path: Path) -> None:
         ax.set_title(("Task 2 " if key.startswith("task2") else "Task 1 ") + "NDCG@20 by sampled users K")
         ax.set_xlabel("K (users in training)")
         ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_transfer(result: dict[str, Any], path: Path) -> None:
+    """Table 6 as bars: per method, NDCG@20 on the study's own test split and on each transfer domain's."""
+    domains = list(result["config"].get("transfer") or {})
+    if not domains:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["final"])
+    splits = ["test", *(f"{d}/test" for d in domains)]
+    keys = [k for k in ("ndcg@20", "task2_ndcg@20") if all(k in row.get(s, {}) for row in result["final"].values()
+                                                           for s in splits)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 3.6), squeeze=False)
+    width = 0.8 / len(splits)
+    for ax, key in zip(axes[0], keys, strict=True):
+        for j, split in enumerate(splits):
+            rows = [result["final"][n][split][key] for n in names]
+            ax.bar([i + (j - (len(splits) - 1) / 2) * width for i in range(len(names))], [m for m, _ in rows], width,
+                   yerr=[sd for _, sd in rows], capsize=2,
+                   label="own catalog (trained)" if split == "test" else f"{split[:-5]} (zero-shot)")
+        ax.set_xticks(range(len(names)), names, rotation=15, ha="right")
+        ax.set_title(("Task 2 " if key.startswith("task2") else "Task 1 ") + "NDCG@20")
+        ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -239,3 +239,26 @@ def test_transfer_domain_scored_zero_shot(tiny_backbone_dir: Path, dataset_dir: 
     r = run_one(spec)
     assert set(r["metrics"]) == {"test", "other/test"} and r["metrics"]["other/test"] != r["metrics"]["test"]
     assert _run_id(spec) != _run_id({**spec, "transfer": {}})
+
+
+def test_transfer_and_few_shot_figures(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from vlm2rec_ray.testbed.study import _plot_few_shot, _plot_transfer, format_study
+
+    m = {k: (0.3, 0.01) for k in ("hit@10", "ndcg@20", "t2f_hit@10", "v2f_hit@10", "S_text", "S_image", "S_fused",
+                                  "U_text", "U_image", "U_fused", "task2_hit@10", "task2_ndcg@20")}
+    cfg = StudyConfig(transfer={"B": {"seed": 1}}, methods=[MethodSpec(name="SFT", variant="sft")],
+                      ablations=[AblationSpec(name="SFT K=32", variant="sft", of="SFT",
+                                              overrides={"data": {"few_shot_users": 32}})])
+    row = {"seeds": [0], "point": {}, "test": m, "B/test": m, "valid": m, "per_seed_test": [],
+           "train_last": {}, "grad_alignment": []}
+    result = {"config": cfg.model_dump(mode="json"), "backbone": "b", "chosen": {}, "variants": {},
+              "final": {"SFT": row, "SFT K=32": row}, "tuning": {}}
+    _plot_transfer(result, tmp_path / "t.png")
+    _plot_few_shot(result, tmp_path / "f.png")
+    for name in ("t.png", "f.png"):
+        with Image.open(tmp_path / name) as im:
+            assert im.format == "PNG" and im.width > 400
+    text = format_study(result)
+    assert "Cross-domain, zero-shot" in text and "| SFT | 0.3000 ± 0.0100 |" in text and "Few shot" in text
