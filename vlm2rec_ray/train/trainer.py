@@ -47,8 +47,10 @@ def _storage(cfg: TrainJobConfig) -> tuple[str, Any]:
 
 
 def build_trainer(cfg: TrainJobConfig, datasets: dict[str, ray.data.Dataset] | None = None,
-                  run_info: dict[str, Any] | None = None) -> TorchTrainer:
-    """The ``TorchTrainer`` for ``cfg`` (see module doc); ``run_info`` travels to the workers as ``config["run"]``."""
+                  run_info: dict[str, Any] | None = None, *,
+                  train_loop: Callable[[dict[str, Any]], None] | None = None) -> TorchTrainer:
+    """The ``TorchTrainer`` for ``cfg`` (see module doc); ``run_info`` travels to the workers as ``config["run"]``.
+    ``train_loop`` replaces :func:`~vlm2rec_ray.train.loop.train_loop_per_worker` (benchmarks/train_feed.py)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -68,7 +70,7 @@ def build_trainer(cfg: TrainJobConfig, datasets: dict[str, ray.data.Dataset] | N
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
     )
     return TorchTrainer(
-        train_loop_per_worker,
+        train_loop or train_loop_per_worker,
         # exclude_unset: the worker rebuilds exactly the settings given (validators read model_fields_set)
         train_loop_config={"job": cfg.model_dump(mode="json", exclude_unset=True), "run": dict(run_info or {})},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
