@@ -20,6 +20,7 @@ loop's: the share of wall time spent waiting for the next batch (``train/loop.py
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -40,7 +41,10 @@ def _feed_batch(arrow_batch: Any, ctx: dict[str, Any]) -> Any:
 
 
 def bench_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker: feed epochs (timed per epoch), then the last epoch's batches replayed from memory."""
+    """Ray Train worker: epoch 0 from the feed (warm-up; its batches are kept), then rounds of one feed epoch and
+    the same number of steps on the kept batches from memory, alternating so drift hits both alike."""
+    import json
+
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
@@ -52,7 +56,7 @@ def bench_loop(config: dict[str, Any]) -> None:
     cfg = TrainJobConfig.model_validate(config["job"])
     run = config["run"]
     ctx = ray.train.get_context()
-    world = ctx.get_world_size()
+    world, rank = ctx.get_world_size(), ctx.get_world_rank()
     device = ray.train.torch.get_device()
     t = cfg.train
     engine, module = build_engine(cfg, build_deepspeed_config(cfg), device)
@@ -61,46 +65,71 @@ def bench_loop(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     micro_per_epoch = int(run["steps_per_epoch"]) * t.grad_accum
     rows_per_micro = t.per_device_batch_size * world
-    feed_ctx: dict[str, Any] = {"config": config, "rank": ctx.get_world_rank()}
-    epochs: list[dict[str, float]] = []
+    report_every = int(run.get("report_every") or 0)
+    feed_ctx: dict[str, Any] = {"config": config, "rank": rank}
     kept: list[Any] = []
-    for epoch in range(t.epochs):
+
+    def report(i: int) -> float:
+        """As the real loop does every train.log_every steps (time returned, counted in the phase's wall)."""
+        if not report_every or (i + 1) % report_every:
+            return 0.0
+        t0 = time.perf_counter()
+        ray.train.report({"step": i})
+        return time.perf_counter() - t0
+
+    def feed_epoch(epoch: int) -> dict[str, float]:
         dist.barrier()
         buffer = max(cfg.data.shuffle_buffer_rows, t.per_device_batch_size) if cfg.data.shuffle_buffer_rows else None
         it = shard.iter_batches(batch_size=t.per_device_batch_size, batch_format="pyarrow", drop_last=True,
                                 local_shuffle_buffer_size=buffer, local_shuffle_seed=t.seed + epoch if buffer else None)
-        wait, micro = 0.0, 0
+        wait = rep = 0.0
+        micro = 0
         t0 = t_wait = time.perf_counter()
         for arrow_batch in it:
             batch = _feed_batch(arrow_batch, feed_ctx)
             wait += time.perf_counter() - t_wait
             train_step(engine, batch, objective, gather=gather)
-            micro += 1
-            if epoch == t.epochs - 1:
+            if epoch == 0:
                 kept.append(batch)
+            rep += report(micro)
+            micro += 1
             if micro >= micro_per_epoch:
                 break
             t_wait = time.perf_counter()
-        wall = time.perf_counter() - t0
-        epochs.append({"wall_s": wall, "wait_s": wait, "micro": micro})
-    timed = epochs[1:] or epochs
+        return {"wall_s": time.perf_counter() - t0, "wait_s": wait, "report_s": rep, "micro": micro}
+
+    def memory_epoch() -> dict[str, float]:
+        dist.barrier()
+        rep = 0.0
+        t0 = time.perf_counter()
+        for i in range(micro_per_epoch):
+            train_step(engine, kept[i % len(kept)], objective, gather=gather)
+            rep += report(i)
+        return {"wall_s": time.perf_counter() - t0, "report_s": rep, "micro": micro_per_epoch}
+
+    epochs = [feed_epoch(0)]
+    memory: list[dict[str, float]] = []
+    for epoch in range(1, max(2, t.epochs)):
+        epochs.append(feed_epoch(epoch))
+        memory.append(memory_epoch())
+    timed = epochs[1:]
     micro_timed = sum(e["micro"] for e in timed)
-    dist.barrier()
-    t0 = time.perf_counter()
-    for i in range(micro_timed):
-        train_step(engine, kept[i % len(kept)], objective, gather=gather)
-    memory_s = time.perf_counter() - t0
     feed_s = sum(e["wall_s"] for e in timed)
+    memory_s = sum(e["wall_s"] for e in memory)
     metrics = {
         "feed_samples_per_s": micro_timed * rows_per_micro / feed_s,
-        "memory_samples_per_s": micro_timed * rows_per_micro / memory_s,
+        "memory_samples_per_s": sum(e["micro"] for e in memory) * rows_per_micro / memory_s,
         "data_wait_frac": sum(e["wait_s"] for e in timed) / feed_s,
+        "report_frac_feed": sum(e["report_s"] for e in timed) / feed_s,
+        "report_frac_memory": sum(e["report_s"] for e in memory) / memory_s,
         "epoch0_samples_per_s": epochs[0]["micro"] * rows_per_micro / epochs[0]["wall_s"],
         "epoch0_data_wait_frac": epochs[0]["wait_s"] / epochs[0]["wall_s"],
-        "per_epoch": [[round(e["wall_s"], 2), round(e["wait_s"] / e["wall_s"], 3), e["micro"]] for e in epochs],
-        "timed_micro_batches": micro_timed,
+        "feed_epochs": [[round(e["wall_s"], 2), round(e["wait_s"] / e["wall_s"], 3), e["micro"]] for e in epochs],
+        "memory_epochs": [round(e["wall_s"], 2) for e in memory],
     }
-    ray.train.report(metrics)
+    if rank == 0:
+        Path(run["metrics_path"]).write_text(json.dumps(metrics))
+    ray.train.report({"done": 1})
 
 
 def _start_s3(data_dir: Path) -> tuple[Any, Any, str, str]:
@@ -144,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", choices=["s3", "local"], default="s3")
     parser.add_argument("--model", default=None, help="backbone dir (default: the tiny offline Qwen2.5-VL)")
     parser.add_argument("--run", default="VLM2Rec", help="the demo run whose settings are used")
-    parser.add_argument("--epochs", type=int, default=3, help="feed epochs (the first is the warm-up)")
+    parser.add_argument("--epochs", type=int, default=3, help="feed epochs (the first is the warm-up; each later one "
+                        "is followed by as many in-memory steps)")
+    parser.add_argument("--report-every", type=int, default=None, help="ray.train.report every N steps in both "
+                        "phases, as the loop does every train.log_every (default: the demo's log_every; 0 = never)")
     parser.add_argument("--workers", type=int, default=None, help="default: the demo's (2)")
     parser.add_argument("--batch", type=int, default=None, help="rows per worker per step (default: the demo's 8)")
     parser.add_argument("--use-gpu", action="store_true")
@@ -200,12 +232,16 @@ def main(argv: list[str] | None = None) -> int:
         gets_prepare = _image_gets(proxy)
         spe = steps_per_epoch(prepared.rows.num_rows, cfg)
         datasets = {"train": build_train_dataset(prepared, cfg)}
-        run_info = {"steps_per_epoch": spe, "num_rows": prepared.rows.num_rows}
+        report_every = cfg.train.log_every if args.report_every is None else args.report_every
+        metrics_path = root / "metrics.json"
+        run_info = {"steps_per_epoch": spe, "num_rows": prepared.rows.num_rows, "report_every": report_every,
+                    "metrics_path": str(metrics_path)}
         t0 = time.perf_counter()
         result = build_trainer(cfg, datasets, run_info, train_loop=bench_loop).fit()
         fit_s = time.perf_counter() - t0
         gets_fit = _image_gets(proxy) - gets_prepare
-        m = result.metrics
+        del result
+        m = json.loads(metrics_path.read_text())
         ratio = m["feed_samples_per_s"] / m["memory_samples_per_s"]
         distinct = len({i for r in prepared.rows.to_pylist() for i in [r["target_id"], *r["history_ids"]]})
         s = cfg.scaling
@@ -214,13 +250,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{cfg.model.max_pixels} px  store {args.store}")
         print(f"rows {prepared.rows.num_rows}, distinct items referenced {distinct}, {spe} steps/epoch, "
               f"{args.epochs} epochs (epoch 0 = warm-up); prepare {prep_s:.1f} s, fit {fit_s:.1f} s")
-        print(f"per epoch [wall s, data_wait_frac, micro-batches]: {m['per_epoch']}")
+        print(f"feed epochs [wall s, data_wait_frac, micro-batches]: {m['feed_epochs']}; in-memory epochs [wall s]: "
+              f"{m['memory_epochs']}; ray.train.report every {report_every or '-'} steps")
         print(f"  feed (Ray Train + Ray Data), epochs 1..: {m['feed_samples_per_s']:7.1f} samples/s  "
-              f"data_wait_frac {m['data_wait_frac']:.3f}")
-        print(f"  same steps, batches in memory:          {m['memory_samples_per_s']:7.1f} samples/s")
+              f"data_wait_frac {m['data_wait_frac']:.3f}  report_frac {m['report_frac_feed']:.3f}")
+        print(f"  same steps, batches in memory:          {m['memory_samples_per_s']:7.1f} samples/s  "
+              f"report_frac {m['report_frac_memory']:.3f}")
         print(f"  epoch 0 (warm-up) through the feed:     {m['epoch0_samples_per_s']:7.1f} samples/s  "
               f"data_wait_frac {m['epoch0_data_wait_frac']:.3f}")
-        print(f"ratio feed / in-memory = {ratio:.3f}  (target >= 0.9: {'OK' if ratio >= 0.9 else 'BELOW'})")
+        print(f"ratio feed / in-memory = {ratio:.3f}  (target >= 0.9: {'OK' if ratio >= 0.9 else 'BELOW'})  "
+              f"load average {os.getloadavg()[0]:.1f}")
         if proxy is not None:
             print(f"image GETs: {gets_prepare} before training (prepare), {gets_fit} during fit = "
                   f"{gets_fit / args.epochs:.0f} per epoch (distinct images {distinct})")
