@@ -33,11 +33,23 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+def _feed_setup(ctx: dict[str, Any]) -> None:
+    """What ``train_loop_per_worker`` reads before its first epoch: the item table (once per worker)."""
+    import random
+
+    from vlm2rec_ray.config import TrainJobConfig
+    from vlm2rec_ray.train.data import ItemTable
+
+    ctx["items"] = ItemTable.from_refs(ctx["config"]["run"]["items"])
+    ctx["negatives"] = TrainJobConfig.model_validate(ctx["config"]["job"]).objective.num_sampled_negatives
+    ctx["rng"] = random.Random(ctx["rank"])
+
+
 def _feed_batch(arrow_batch: Any, ctx: dict[str, Any]) -> Any:
     """One micro-batch from the feed, exactly as ``train_loop_per_worker`` turns it into a TrainBatch."""
     from vlm2rec_ray.train.data import to_train_batch
 
-    return to_train_batch(arrow_batch)
+    return to_train_batch(arrow_batch, ctx["items"], num_negatives=ctx["negatives"], rng=ctx["rng"])
 
 
 def bench_loop(config: dict[str, Any]) -> None:
@@ -67,6 +79,7 @@ def bench_loop(config: dict[str, Any]) -> None:
     rows_per_micro = t.per_device_batch_size * world
     report_every = int(run.get("report_every") or 0)
     feed_ctx: dict[str, Any] = {"config": config, "rank": rank}
+    _feed_setup(feed_ctx)
     kept: list[Any] = []
 
     def report(i: int) -> float:
@@ -193,7 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     from vlm2rec_ray.config import TrainJobConfig, _merge, load_config
     from vlm2rec_ray.data.synthetic import generate_synthetic
     from vlm2rec_ray.demo import DEFAULT_CONFIG, DemoConfig, train_config
-    from vlm2rec_ray.train.data import build_train_dataset, prepare_training_rows, steps_per_epoch
+    from vlm2rec_ray.train.data import (
+        build_train_dataset,
+        ensure_item_table,
+        prepare_training_rows,
+        steps_per_epoch,
+    )
     from vlm2rec_ray.train.trainer import build_trainer, connect_ray
 
     tmp = tempfile.TemporaryDirectory(prefix="vlm2rec-feed-")
@@ -228,13 +246,15 @@ def main(argv: list[str] | None = None) -> int:
         ray.data.DataContext.get_current().enable_progress_bars = False
         t0 = time.perf_counter()
         prepared = prepare_training_rows(cfg)
+        items = ensure_item_table(prepared, cfg)  # the item pass (the check, with data.check_images)
         prep_s = time.perf_counter() - t0
         gets_prepare = _image_gets(proxy)
         spe = steps_per_epoch(prepared.rows.num_rows, cfg)
         datasets = {"train": build_train_dataset(prepared, cfg)}
         report_every = cfg.train.log_every if args.report_every is None else args.report_every
         metrics_path = root / "metrics.json"
-        run_info = {"steps_per_epoch": spe, "num_rows": prepared.rows.num_rows, "report_every": report_every,
+        run_info = {"steps_per_epoch": spe, "num_rows": prepared.rows.num_rows, "items": items,
+                    "report_every": report_every,
                     "metrics_path": str(metrics_path)}
         t0 = time.perf_counter()
         result = build_trainer(cfg, datasets, run_info, train_loop=bench_loop).fit()
