@@ -10,11 +10,15 @@ The settings are the demo's (``jobs/configs/demo.yaml``, run VLM2Rec: ZeRO-2, fp
 x 0.5 CPU, task batch 16 x 0.25 CPU, 56x56 images) on the demo's synthetic catalog (240 items, 300 users), with
 the dataset in S3 (a moto server behind a recording proxy on loopback, so every image GET is counted) unless
 ``--store local``. The trainer's own data path runs unchanged (``prepare_training_rows``,
-``build_train_dataset``, ``get_dataset_shard("train")``, ``to_train_batch``); only the worker loop is this
-file's: it runs ``--epochs`` epochs from the feed (epoch 0 is the warm-up: first steps, JIT, cold caches),
-keeps the last epoch's batches, then replays them from memory for as many steps as the timed feed epochs
-ran. Ratio = feed samples/s (epochs 1..) / in-memory samples/s; target >= 0.9. ``data_wait_frac`` is the
-loop's: the share of wall time spent waiting for the next batch (``train/loop.py``).
+``build_train_dataset``, ``ensure_item_table``, ``get_dataset_shard("train")``, ``to_train_batch``); only the
+worker loop is this file's: epoch 0 comes from the feed (the warm-up: first steps, JIT, cold caches; its batches
+are kept), then each further epoch from the feed is followed by as many steps on the kept batches from memory
+(alternating, so drift on a shared box hits both alike). Ratio = feed samples/s (epochs 1..) / in-memory
+samples/s; target >= 0.9. ``data_wait_frac`` is the loop's: the share of wall time spent waiting for the next
+batch (``train/loop.py``). Image GETs are counted at the proxy: before training (the item pass) and during fit.
+``--report-every N`` calls ``ray.train.report`` every N steps in both phases, as the loop did every
+``train.log_every`` steps before issue 18 (Ray Train V2's controller takes one pending report per worker every
+2 s, so frequent reports cap the step rate; ``report_frac`` is the time spent in them).
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ def bench_loop(config: dict[str, Any]) -> None:
 
     from vlm2rec_ray.config import TrainJobConfig
     from vlm2rec_ray.train.deepspeed_config import build_deepspeed_config
-    from vlm2rec_ray.train.loop import build_engine, train_step
+    from vlm2rec_ray.train.loop import build_engine, quiet_worker_output, train_step
 
     cfg = TrainJobConfig.model_validate(config["job"])
     run = config["run"]
@@ -80,6 +84,7 @@ def bench_loop(config: dict[str, Any]) -> None:
     report_every = int(run.get("report_every") or 0)
     feed_ctx: dict[str, Any] = {"config": config, "rank": rank}
     _feed_setup(feed_ctx)
+    quiet_worker_output()
     kept: list[Any] = []
 
     def report(i: int) -> float:
@@ -188,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", default="VLM2Rec", help="the demo run whose settings are used")
     parser.add_argument("--epochs", type=int, default=3, help="feed epochs (the first is the warm-up; each later one "
                         "is followed by as many in-memory steps)")
-    parser.add_argument("--report-every", type=int, default=None, help="ray.train.report every N steps in both "
-                        "phases, as the loop does every train.log_every (default: the demo's log_every; 0 = never)")
+    parser.add_argument("--report-every", type=int, default=0, help="ray.train.report every N steps in both "
+                        "phases, as the loop did every train.log_every before issue 18 (0 = never, as the loop now "
+                        "does between checkpoints)")
     parser.add_argument("--workers", type=int, default=None, help="default: the demo's (2)")
     parser.add_argument("--batch", type=int, default=None, help="rows per worker per step (default: the demo's 8)")
     parser.add_argument("--use-gpu", action="store_true")
@@ -251,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         gets_prepare = _image_gets(proxy)
         spe = steps_per_epoch(prepared.rows.num_rows, cfg)
         datasets = {"train": build_train_dataset(prepared, cfg)}
-        report_every = cfg.train.log_every if args.report_every is None else args.report_every
+        report_every = args.report_every
         metrics_path = root / "metrics.json"
         run_info = {"steps_per_epoch": spe, "num_rows": prepared.rows.num_rows, "items": items,
                     "report_every": report_every,

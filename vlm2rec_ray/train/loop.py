@@ -239,7 +239,7 @@ class _Window:
         self.steps = 0
         self.data_s = 0.0  # time spent waiting for the next batch (input-bound when large)
         self.compute_s = 0.0  # time in train_step (forward, objective, backward, optimizer)
-        self.report_s = 0.0  # time in ray.train.report / checkpoints (a sync with the controller each call)
+        self.report_s = 0.0  # time in checkpoints (saving, ray.train.report: a handoff to the controller)
         self.t0 = time.perf_counter()
 
     def add(self, metrics: dict[str, float]) -> None:
@@ -428,13 +428,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     log.info("%s", {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
                 elif rank == 0:
                     log.info("%s", format_progress(row, total))
+            # Ray Train gets the metrics with each checkpoint only; the rows in between go to the console and to
+            # metrics.jsonl (written at each checkpoint). Ray Train V2 keeps one pending result per worker and its
+            # controller takes it every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s), so ray.train.report every
+            # log_every fast steps blocks the worker: in the demo that was 60-70% of the wall time (report_frac),
+            # capping training at log_every x rows_per_step samples per 2 s.
             t_report = time.perf_counter()
             if done:
                 pass  # the final checkpoint follows the export below, carrying the run's final metrics
             elif state.global_step % t.checkpoint_every == 0 or (end_of_epoch and t.checkpoint_at_epoch_end):
                 checkpoint(row or {"step": state.global_step})
-            elif row is not None:
-                ray.train.report(row)
             window.report_s += time.perf_counter() - t_report
             _maybe_inject_failure(cfg, state.global_step, rank, world)
             t_wait = time.perf_counter()  # not before: report/checkpoint time is not time waiting for data
