@@ -299,14 +299,17 @@ def quiet_worker_output() -> None:
     """The default console of a training worker: our progress lines, warnings and errors only.
 
     Silences Ray Train's per-report "Reporting training result ..." INFO line (its logger is named after the file,
-    ``logging.getLogger(__file__)`` in ray/train/v2/_internal/execution/context.py) and library FutureWarnings and
-    DeprecationWarnings (transformers, torch.distributed). ``run["verbose"]`` (``VLM2REC_VERBOSE=1``) keeps them.
+    ``logging.getLogger(__file__)`` in ray/train/v2/_internal/execution/context.py), its per-rank "Checkpoint
+    successfully created at ..." line (``execution/storage.py``) and library FutureWarnings and DeprecationWarnings
+    (transformers, torch.distributed). ``run["verbose"]`` (``VLM2REC_VERBOSE=1``) keeps them.
     """
     import warnings
 
     from ray.train.v2._internal.execution import context as train_context
+    from ray.train.v2._internal.execution import storage as train_storage
 
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    logging.getLogger(train_storage.__name__).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
