@@ -12,7 +12,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -93,4 +92,27 @@ def test_each_image_fetched_once_per_run_and_a_bad_image_drops_its_rows(
     assert data_counts["dropped_rows"] == actions["dropped_row"] >= 1
     assert data_counts["dropped_history_items"] == actions["dropped_history_item"] >= 1
     assert data_counts["rows"] == len(split) - actions["dropped_row"]
-    assert isinstance(errors, pa.Table)
+
+
+def test_without_the_check_the_same_pass_stops_at_a_bad_image(ray_local: Any, dataset: Path, tmp_path: Path) -> None:
+    """data.check_images=false: one item pass still builds the table; a failing image stops the run before
+    training (nothing is dropped silently), naming the item and its reason."""
+    from vlm2rec_ray.config import TrainJobConfig, load_config
+    from vlm2rec_ray.train.data import ItemTable, ensure_item_table, prepare_training_rows
+
+    data = tmp_path / "d"
+    shutil.copytree(dataset, data)
+    cfg = load_config(TrainJobConfig, None, ["model.name=unused", f"data.dataset_uri={data}", "output_uri=unused",
+                                             "data.check_images=false", "model.min_pixels=3136",
+                                             "model.max_pixels=3136"])
+    prepared = prepare_training_rows(cfg)  # no Ray pass yet
+    assert prepared.item_refs is None
+    items = ItemTable.from_refs(ensure_item_table(prepared, cfg))
+    assert len(items) == len(prepared.items) and items.image(prepared.items[0][0]).size == (56, 56)
+
+    victim = pq.read_table(data / "splits" / "train.parquet").column("target").to_pylist()[0]
+    uri = {c["item_id"]: c["image_uri"] for c in pq.read_table(data / "catalog.parquet").to_pylist()}[victim]
+    (data / uri).write_bytes(b"not an image at all")
+    prepared = prepare_training_rows(cfg)
+    with pytest.raises(RuntimeError, match=rf"1 referenced images failed .*{victim} \(not_image\)"):
+        ensure_item_table(prepared, cfg)
