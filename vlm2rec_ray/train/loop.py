@@ -8,12 +8,16 @@ One step reads like this (:func:`train_step`)::
     engine.backward(loss.total); engine.step()
 
 :func:`train_loop_per_worker` rebuilds the config from the dict Ray passes, builds the DeepSpeed engine
-(:func:`build_engine`), restores the latest checkpoint if there is one, then runs ``train.epochs`` epochs of
-exactly ``steps_per_epoch`` optimizer steps on every worker (collectives need equal step counts). It logs
-every ``train.log_every`` steps (loss parts, mean penalty, alpha, beta, margins, samples/s, lr; averaged over
-workers), runs the gradient-alignment diagnostic every ``train.diag_every`` steps, checkpoints every
-``train.checkpoint_every`` steps and at each epoch end, and finally checks that ranks agree and every trainable
-tensor changed, and exports the model (:mod:`vlm2rec_ray.train.export`).
+(:func:`build_engine`), restores the latest checkpoint if there is one, reads the item table once
+(:class:`~vlm2rec_ray.train.data.ItemTable`: the images of the rows it streams), then runs ``train.epochs``
+epochs of exactly ``steps_per_epoch`` optimizer steps on every worker (collectives need equal step counts). It
+logs every ``train.log_every`` steps (loss parts, mean penalty, alpha, beta, margins, samples/s, lr; averaged
+over workers; the time shares waiting for data, computing and checkpointing: ``data_wait_frac``,
+``compute_frac``, ``report_frac``): one console line from rank 0 (:func:`format_progress`; every key with
+``VLM2REC_VERBOSE=1``) and a row of ``metrics.jsonl``. It runs the gradient-alignment diagnostic every
+``train.diag_every`` steps, checkpoints (and hands Ray Train the metrics) every ``train.checkpoint_every`` steps
+and at each epoch end, and finally checks that ranks agree and every trainable tensor changed, and exports the
+model (:mod:`vlm2rec_ray.train.export`).
 
 Resuming mid-epoch restores the engine (weights, optimizer, scheduler) and the step count exactly, and runs
 only the steps left in that epoch; the rows of a resumed epoch are drawn afresh from the stream (Ray Data's
