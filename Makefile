@@ -29,8 +29,9 @@ test-integration: install
 lint: install
 	$(VENV)/bin/ruff check .
 
+# make demo VERBOSE=1: full Ray / worker output (every metric dict, Ray Train's reports, library warnings)
 demo: install
-	$(VENV)/bin/vlm2rec demo
+	$(VENV)/bin/vlm2rec demo $(if $(VERBOSE),--verbose)
 
 doctor: install
 	$(VENV)/bin/vlm2rec doctor

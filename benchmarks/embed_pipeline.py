@@ -28,6 +28,15 @@ The default model is a random 17M-parameter Qwen2.5-VL (``--model-size small``),
 forward pass bounds the run, as a real backbone on a GPU does. With the 0.2M test model (``tiny``) a forward
 costs less CPU than GETting the image from the moto server on the same box, so that ratio measures moto.
 
+The plain-loop peer (``plain_loop``) is what a user would otherwise write, as the paper's peers embed catalogs
+offline: one process that, for each batch of ``--batch-size`` catalog rows, GETs each image with boto3 (or reads
+it, ``--storage local``), decodes and resizes it exactly as the pipeline does (``decode_image``) and runs the same
+model core as the actor (``BatchEncoder``, same torch thread count), in sequence; it writes nothing. It runs on
+the same catalog after the pipeline, and the figures print side by side: pipeline / plain loop and pipeline /
+model alone. Model loading is inside its wall time, as the actor's start-up is inside the pipeline's. On the
+2-core box the pipeline's overlap of GETs, decoding and the model has one spare core to work with, so the ratio
+stays near 1; on a GPU node (many CPUs for fetch/decode, the model on the GPU) the overlap is the gain.
+
 Memory mode runs each catalog size in a fresh process and samples, every 0.25 s, the driver's RSS, the
 summed PSS of every process of the Ray instance (driver, GCS, raylet, workers; not the moto server) and their
 summed private memory (USS less object-store pages, see ``_session_pss``), and prints the peaks and their
@@ -213,6 +222,60 @@ def model_throughput(cfg, catalog: str, endpoint: str | None, threads: int, item
     return out
 
 
+def plain_loop(cfg, catalog: str, endpoint: str | None, threads: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """The single-process peer: per batch, boto3 GET (or a local read) -> ``decode_image`` -> the actor's encoder core,
+    one after another (see the module doc). Returns items/s over the whole loop (model load included) and from the
+    first GET on, and the seconds spent in each part."""
+    import torch
+
+    from vlm2rec_ray import storage
+    from vlm2rec_ray.data.catalog import read_catalog, resolve_image_uri
+    from vlm2rec_ray.data.images import decode_image
+    from vlm2rec_ray.embed import incremental
+    from vlm2rec_ray.embed.predictor import BatchEncoder, load_encoder
+    from vlm2rec_ray.model.prompts import clean_title
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(threads)
+    enc = load_encoder(cfg)
+    deterministic = cfg.deterministic if cfg.deterministic is not None else True
+    core = BatchEncoder(enc, batch_size=cfg.batch_size, deterministic=deterministic, fusion=cfg.model.fusion,
+                        cache_mib=0)
+    table = read_catalog(catalog, endpoint=endpoint)
+    titles = table.column("title").to_pylist()
+    uris = [resolve_image_uri(u, catalog) for u in table.column("image_uri").to_pylist()]
+    client = storage.s3_client(endpoint) if endpoint else None
+    t_loop = time.perf_counter()
+    get_s = decode_s = model_s = 0.0
+    bs = cfg.batch_size
+    with torch.inference_mode():
+        for s in range(0, len(titles), bs):
+            images = []
+            for uri in uris[s:s + bs]:
+                t = time.perf_counter()
+                if client is not None:
+                    bucket, _, key = uri.removeprefix("s3://").partition("/")
+                    data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+                else:
+                    data = Path(uri).read_bytes()
+                t1 = time.perf_counter()
+                im, reason = decode_image(data, min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
+                if im is None:
+                    raise RuntimeError(f"{uri}: {reason}")
+                images.append(im)
+                get_s, decode_s = get_s + t1 - t, decode_s + time.perf_counter() - t1
+            t = time.perf_counter()
+            batch_titles = titles[s:s + bs]
+            core.encode([[x] for x in batch_titles], [[im] for im in images],
+                        [incremental.text_key([clean_title(x)]) for x in batch_titles],
+                        [f"image-{i}" for i in range(s, s + len(batch_titles))])
+            model_s += time.perf_counter() - t
+    end = time.perf_counter()
+    n = len(titles)
+    return {"items_per_s": n / (end - t0), "loop_items_per_s": n / (end - t_loop), "wall_s": end - t0,
+            "get_s": get_s, "decode_s": decode_s, "model_s": model_s}
+
+
 def throughput(args: argparse.Namespace) -> dict:
     from vlm2rec_ray.embed.pipeline import format_summary, run_embed_items
     from vlm2rec_ray.runtime import init_local_ray
@@ -254,6 +317,7 @@ def throughput(args: argparse.Namespace) -> dict:
         timeline = {"first_batch_s": summary["first_batch_s"],
                     "steady_items_per_s": summary["encode_rows_per_s"] or float("nan")}  # nan: a single batch
         threads = max(1, int(cfg.cpus_per_actor))
+        plain = plain_loop(cfg, catalog, endpoint, threads)
         model = model_throughput(cfg, catalog, endpoint, threads, min(args.items, args.model_items))
         pipe_ips = args.items / wall
         # The model's own throughput: the faster of the two ways of running it alone (on CPU, the actor's shape
@@ -272,6 +336,9 @@ def throughput(args: argparse.Namespace) -> dict:
                   "cpus": os.cpu_count(), "pipeline_items_per_s": round(pipe_ips, 1), "pipeline_wall_s": round(wall, 2),
                   "model_items_per_s": round(model["forward"], 1), "actor_core_items_per_s": round(model["actor_core"], 1),
                   "ratio": round(ratio, 3), **{k: round(v, 2) for k, v in timeline.items()},
+                  "plain_loop_items_per_s": round(plain["items_per_s"], 1),
+                  "plain_ratio": round(pipe_ips / plain["items_per_s"], 3),
+                  "plain_loop_parts_s": {k: round(plain[k], 1) for k in ("get_s", "decode_s", "model_s")},
                   "steady_ratio": round(steady_ratio, 3), "load_avg_1m": round(os.getloadavg()[0], 2),
                   "device": model["device"], "dtype": model["dtype"], "gflops_per_item": round(flops / 1e9, 3),
                   "mfu_model": round(mfu(flops, best, peak), 4) if peak else None,
@@ -283,6 +350,10 @@ def throughput(args: argparse.Namespace) -> dict:
               f"alone {best:.1f} items/s (batch {cfg.batch_size}, {threads} thread; padded encode_items "
               f"{model['forward']:.1f}, the actor's encoder core {model['actor_core']:.1f}) | ratio {ratio:.2f} "
               "(target >= 0.85)")
+        print(f"pipeline / plain loop = {pipe_ips / plain['items_per_s']:.2f} (plain loop {plain['items_per_s']:.1f} "
+              f"items/s, {plain['wall_s']:.1f} s incl. model load: GET {plain['get_s']:.1f} s, decode "
+              f"{plain['decode_s']:.1f} s, model {plain['model_s']:.1f} s, no write) | pipeline / model alone = "
+              f"{ratio:.2f}")
         print(f"timeline: first batch embedded {timeline['first_batch_s']:.1f} s after the start (plan, census, actor "
               f"start-up, first forward); from it to the last batch {timeline['steady_items_per_s']:.1f} items/s = "
               f"{steady_ratio:.2f} of the model alone (steady state)")

@@ -36,30 +36,31 @@ def _batch(batch: int, history: int, image_size: int, seed: int):  # type: ignor
     import pyarrow as pa
     from PIL import Image
 
-    from vlm2rec_ray.train.data import pack_image, to_train_batch
+    from vlm2rec_ray.train.data import ItemTable, pack_image, to_train_batch
 
     rng = np.random.default_rng(seed)
     words = "red green blue lamp mug shirt chair watch book toy leather wooden small large".split()
+    items: dict[str, list] = {k: [] for k in ("item_index", "title", "image", "width", "height", "reason")}
 
-    def item(i: int) -> tuple[str, tuple[bytes, int, int]]:
+    def item(i: int) -> tuple[int, str]:
         title = " ".join(rng.choice(words, size=4)) + f" {i}"
-        im = Image.fromarray(rng.integers(0, 255, (image_size, image_size, 3), dtype=np.uint8))
-        return title, pack_image(im)
+        data, w, h = pack_image(Image.fromarray(rng.integers(0, 255, (image_size, image_size, 3), dtype=np.uint8)))
+        for k, v in (("item_index", i), ("title", title), ("image", data), ("width", w), ("height", h),
+                     ("reason", None)):
+            items[k].append(v)
+        return i, title
 
-    cols: dict[str, list] = {k: [] for k in ("user_id", "target_index", "target_title", "target_image", "target_size",
-                                             "history_titles", "history_images", "history_sizes")}
+    cols: dict[str, list] = {k: [] for k in ("user_id", "target_index", "target_title", "history_indices",
+                                             "history_titles")}
     for b in range(batch):
         hist = [item(b * 100 + h) for h in range(history)]
-        title, (data, w, h) = item(b * 100 + 99)
+        index, title = item(b * 100 + 99)
         cols["user_id"].append(f"u{b}")
-        cols["target_index"].append(b)
+        cols["target_index"].append(index)
         cols["target_title"].append(title)
-        cols["target_image"].append(data)
-        cols["target_size"].append([w, h])
-        cols["history_titles"].append([t for t, _ in hist])
-        cols["history_images"].append([p[0] for _, p in hist])
-        cols["history_sizes"].append([[p[1], p[2]] for _, p in hist])
-    return to_train_batch(pa.table(cols))
+        cols["history_indices"].append([i for i, _ in hist])
+        cols["history_titles"].append([t for _, t in hist])
+    return to_train_batch(pa.table(cols), ItemTable([pa.table(items)]))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,8 @@
 
 It forwards every request to an upstream (the moto S3 server) and, on a seeded schedule, answers a share of
 them with HTTP 500/503, delays them, or drops the connection without answering. Clients (boto3, pyarrow,
-Ray Data) see the same kinds of faults a real S3 endpoint produces under load.
+Ray Data) see the same kinds of faults a real S3 endpoint produces under load. With all rates at 0 it is a
+recording proxy: ``plan.requests`` lists every request it received (the GET count per object).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class FaultPlan:
     counts: dict[str, int] = field(default_factory=lambda: {"forwarded": 0, "error": 0, "drop": 0, "slow": 0})
     # errors + drops by the client that met them: "boto3" (botocore's User-Agent) or "other" (pyarrow's AWS SDK)
     faults_by_client: dict[str, int] = field(default_factory=lambda: {"boto3": 0, "other": 0})
+    # every request the proxy received, as (method, path): a recording proxy counts GETs per object
+    requests: list[tuple[str, str]] = field(default_factory=list)
 
 
 class FaultProxy:
@@ -48,6 +51,8 @@ class FaultProxy:
 
             def _handle(self) -> None:
                 body = self._read_body()
+                with proxy._lock:
+                    proxy.plan.requests.append((self.command, self.path))
                 fate = proxy._fate()
                 if fate in ("error", "drop"):
                     agent = self.headers.get("User-Agent") or ""

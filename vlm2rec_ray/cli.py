@@ -22,6 +22,14 @@ app.add_typer(prepare_app, name="prepare")
 app.add_typer(embed_app, name="embed")
 
 
+def _set_verbose(flag: bool) -> None:
+    """``--verbose``: export VLM2REC_VERBOSE=1 (read by the driver and passed on to the training workers)."""
+    if flag:
+        import os
+
+        os.environ["VLM2REC_VERBOSE"] = "1"
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print an error for a user mistake and exit non-zero (no traceback)."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
@@ -213,10 +221,13 @@ def train(
     config: str = typer.Option(None, "--config", "-c", help="TrainJobConfig YAML (e.g. jobs/configs/train_tiny.yaml)"),
     address: str = typer.Option(None, "--address", help="Ray cluster to join (auto, ray://host:10001); default "
                                 "RAY_ADDRESS, else a private local instance"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="full worker output: every metric dict, Ray Train's "
+                                 "per-report results, library warnings (also VLM2REC_VERBOSE=1)"),
 ) -> None:
     """Fine-tune with Ray Train + DeepSpeed and export the model; re-running the same command resumes."""
     from vlm2rec_ray.runner import run_job
 
+    _set_verbose(verbose)
     raise typer.Exit(run_job("train", config, list(args or []), address=address))
 
 
@@ -342,6 +353,8 @@ def demo(
     args: list[str] = typer.Argument(None, help="key=value overrides (e.g. store=s3://bucket/demo "
                                      "dataset.image_only_signal=0.3 fresh=true)"),
     config: str = typer.Option(None, "--config", "-c", help="DemoConfig YAML (default jobs/configs/demo.yaml)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="full Ray and worker output (also VLM2REC_VERBOSE=1; "
+                                 "make demo VERBOSE=1)"),
 ) -> None:
     """The whole pipeline on local Ray: synthetic catalog -> train VLM_SFT and VLM2Rec -> embed -> evaluate -> report.
 
@@ -350,6 +363,7 @@ def demo(
     from vlm2rec_ray.demo import DEFAULT_CONFIG
     from vlm2rec_ray.runner import run_job
 
+    _set_verbose(verbose)
     raise typer.Exit(run_job("demo", config or str(DEFAULT_CONFIG), list(args or [])))
 
 

@@ -511,12 +511,13 @@ class TrainDataConfig(_Part):
                                        "setting); null = all users")
     max_rows: int | None = Field(None, ge=1, description="cap on training rows after few-shot sampling (smoke runs)")
     seed: int = Field(0, description="seed of the few-shot user sample and the shuffle")
-    check_images: bool = Field(True, description="fetch and decode every referenced image once before training; "
-                               "rows whose target image fails are dropped and history items whose image fails are "
-                               "removed, all listed in <output_uri>/data_errors.parquet")
+    check_images: bool = Field(True, description="the item pass (every referenced image fetched, decoded and resized "
+                               "once per run, before training) drops rows whose target image fails and removes "
+                               "history items whose image fails, all listed in <output_uri>/data_errors.parquet; "
+                               "false: the same pass stops the run at the first failing image instead")
     max_image_bytes: int = Field(20_000_000, gt=0, description="images larger than this fail with too_large")
-    cpus_per_task: float = Field(0.5, gt=0.0, description="CPUs reserved by each fetch/decode task")
-    task_batch_size: int = Field(16, ge=1, description="rows per fetch/decode task batch")
+    cpus_per_task: float = Field(0.5, gt=0.0, description="CPUs reserved by each fetch/decode task of the item pass")
+    task_batch_size: int = Field(16, ge=1, description="items per fetch/decode task batch of the item pass")
     shuffle_buffer_rows: int = Field(256, ge=0, description="per-worker local shuffle buffer (rows); 0 = no shuffle")
 
     @field_validator("dataset_uri")

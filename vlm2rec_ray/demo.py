@@ -37,10 +37,14 @@ from vlm2rec_ray.config import (
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml"
 DEMO_DT = "2026-01-01"  # a fixed snapshot date: re-runs replace the same snapshot
-# The demo prints its own steps and summaries; Ray Data's INFO progress lines and every model actor's
-# weight-loading bar would bury them (~200 lines against ~80 for the six embed steps). Set only where the user has not: export
-# RAY_DATA_LOG_LEVEL=INFO or HF_HUB_DISABLE_PROGRESS_BARS=0 to see them. Workers started after this inherit it.
-QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "ERROR", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+# The demo prints its own steps and summaries; Ray Data's INFO progress lines, every model actor's
+# weight-loading bar and library FutureWarnings/DeprecationWarnings from every Ray process would bury them (~200 lines
+# against ~80 for the six embed steps). Set only where the user has not (export RAY_DATA_LOG_LEVEL=INFO,
+# HF_HUB_DISABLE_PROGRESS_BARS=0 or PYTHONWARNINGS=default to see them), and not at all with VLM2REC_VERBOSE=1
+# (``--verbose``). Workers started after this inherit it. The training workers' own console (one progress line per
+# logging interval) is train/loop.py's quiet_worker_output.
+QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "ERROR", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+             "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}
 
 
 class DemoDataConfig(_Part):
@@ -223,12 +227,12 @@ def run_demo(cfg: DemoConfig, *, progress: Callable[[str], None] = print) -> dic
     from vlm2rec_ray.eval.runner import run_evaluation
     from vlm2rec_ray.model.pretrain import PretrainRecipe, ensure_pretrained_backbone
     from vlm2rec_ray.model.tiny import build_tiny_backbone
-    from vlm2rec_ray.runtime import build_dir, configure_local_env
+    from vlm2rec_ray.runtime import build_dir, configure_local_env, verbose
     from vlm2rec_ray.train.trainer import connect_ray, run_training
 
     started = time.time()
     configure_local_env()
-    for key, value in QUIET_ENV.items():
+    for key, value in ({} if verbose() else QUIET_ENV).items():
         os.environ.setdefault(key, value)
     endpoint = cfg.data_endpoint
     state = _State(cfg)

@@ -24,6 +24,13 @@ def build_dir() -> Path:
     return Path(os.environ.get("VLM2REC_BUILD_DIR", Path.cwd() / "build")).resolve()
 
 
+def verbose() -> bool:
+    """``VLM2REC_VERBOSE=1`` (``vlm2rec train/demo --verbose``, ``make demo VERBOSE=1``): full worker output (every
+    metric dict, Ray Train's per-report results, library FutureWarnings and DeprecationWarnings). Off by default:
+    training prints one progress line per logging interval."""
+    return os.environ.get("VLM2REC_VERBOSE", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def configure_local_env(base: str | os.PathLike[str] | None = None) -> dict[str, str]:
     """Set (setdefault) the environment for local Ray/DeepSpeed runs; returns what is in effect."""
     root = Path(base).resolve() if base else build_dir()

@@ -110,7 +110,7 @@ def test_zero3_s3_worker_failure_recovered(ray_local: Any, tiny_backbone_dir: Pa
     from vlm2rec_ray.model.backbone import load_backbone
     from vlm2rec_ray.model.encoder import VLM2RecEncoder
     from vlm2rec_ray.model.lora import load_lora_adapter
-    from vlm2rec_ray.train.data import fetch_images, prepare_training_rows, to_train_batch
+    from vlm2rec_ray.train.data import load_item_table, prepare_training_rows, to_train_batch
     from vlm2rec_ray.train.trainer import run_training
 
     out = f"s3://{s3_bucket}/models/z3"
@@ -134,9 +134,8 @@ def test_zero3_s3_worker_failure_recovered(ray_local: Any, tiny_backbone_dir: Pa
     cfg_local = load_config(TrainJobConfig, REPO / "jobs" / "configs" / "train_tiny.yaml",
                             [f"model.name={tiny_backbone_dir}", f"data.dataset_uri={synthetic_dir}",
                              "output_uri=unused", "data.check_images=false", "data.max_rows=4"])
-    rows = prepare_training_rows(cfg_local).rows
-    batch = to_train_batch(fetch_images(rows, endpoint=None, min_pixels=3136, max_pixels=3136,
-                                        max_bytes=10_000_000, allowed_roots=None))
+    prepared = prepare_training_rows(cfg_local)
+    batch = to_train_batch(prepared.rows, load_item_table(prepared, cfg_local))
     with torch.inference_mode():
         a = VLM2RecEncoder(merged, processor)(batch.seq_titles, batch.seq_images, batch.item_titles, batch.item_images)
         b = VLM2RecEncoder(with_adapter, processor)(batch.seq_titles, batch.seq_images, batch.item_titles,

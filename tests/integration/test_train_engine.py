@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from vlm2rec_ray.config import TrainJobConfig, load_config
-from vlm2rec_ray.train.data import pack_image, to_train_batch
+from vlm2rec_ray.train.data import ItemTable, pack_image, to_train_batch
 
 pytestmark = pytest.mark.integration  # DeepSpeed in-process
 
@@ -21,21 +21,23 @@ pytestmark = pytest.mark.integration  # DeepSpeed in-process
 def _batch(rows: int = 4, history: int = 2, size: int = 56):  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(0)
     words = "red green blue lamp mug shirt chair watch".split()
-    cols: dict[str, list] = {k: [] for k in ("user_id", "target_index", "target_title", "target_image", "target_size",
-                                             "history_titles", "history_images", "history_sizes")}
+    items: dict[str, list] = {k: [] for k in ("item_index", "title", "image", "width", "height", "reason")}
+    cols: dict[str, list] = {k: [] for k in ("user_id", "target_index", "target_title", "history_indices",
+                                             "history_titles")}
     for b in range(rows):
-        packed = [pack_image(Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)))
-                  for _ in range(history + 1)]
+        indices = [b * (history + 1) + h for h in range(history + 1)]
         titles = [" ".join(rng.choice(words, size=3)) + f" {b}{h}" for h in range(history + 1)]
+        for i, title in zip(indices, titles, strict=True):
+            data, w, h = pack_image(Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)))
+            for k, v in (("item_index", i), ("title", title), ("image", data), ("width", w), ("height", h),
+                         ("reason", None)):
+                items[k].append(v)
         cols["user_id"].append(f"u{b}")
-        cols["target_index"].append(b)
+        cols["target_index"].append(indices[-1])
         cols["target_title"].append(titles[-1])
-        cols["target_image"].append(packed[-1][0])
-        cols["target_size"].append(list(packed[-1][1:]))
+        cols["history_indices"].append(indices[:-1])
         cols["history_titles"].append(titles[:-1])
-        cols["history_images"].append([p[0] for p in packed[:-1]])
-        cols["history_sizes"].append([list(p[1:]) for p in packed[:-1]])
-    return to_train_batch(pa.table(cols))
+    return to_train_batch(pa.table(cols), ItemTable([pa.table(items)]))
 
 
 @pytest.fixture(scope="module")

@@ -1,32 +1,40 @@
-"""The training stream: (history, target) rows joined to the catalog, images fetched in Ray Data CPU stages.
+"""The training stream: (history, target) rows of item ids, and an item table each catalog image enters once.
 
-Driver side (:func:`prepare_training_rows`, :func:`build_train_dataset`):
+Driver side (:func:`prepare_training_rows`, :func:`ensure_item_table`, :func:`build_train_dataset`):
 
 1. Read ``<dataset>/splits/<split>.parquet`` and the catalog; keep K sampled users (``data.few_shot_users``,
    the paper's few-shot setting) and at most ``data.max_rows`` rows; shuffle the rows once (seeded).
-2. Join every history item and target to its title and absolute image URI. Unknown items are errors.
-3. With ``data.check_images`` (default) every referenced image is fetched and decoded once, in a Ray Data
-   pass, before training: rows whose target fails are dropped, history items whose image fails are removed
-   (a history left empty drops its row). Every drop is a row of the errors table (``item_id``, ``user_id``,
-   ``image_uri``, ``reason``, ``action``) that the trainer writes to ``<output_uri>/data_errors.parquet``,
-   and the counts go in the run summary: nothing is dropped silently. Knowing the exact row count before
-   training also gives every worker the same number of steps per epoch, which collectives need.
-4. ``ray.data.from_arrow(rows).map_batches(fetch_images, num_cpus=data.cpus_per_task)``: CPU tasks fetch
-   (``fetch_image_bytes``: s3://, local, http) and decode/resize (``decode_image``) the images and ship them
-   as raw RGB bytes plus ``(width, height)``. Ray Train shards the dataset to the workers
-   (``get_dataset_shard("train")``, ``streaming_split(equal=True)``).
+2. Join every history item and target to its catalog index and title. Unknown items are errors.
+3. One Ray Data pass over the distinct referenced items (:func:`_check_batch`, ``data.cpus_per_task`` CPU tasks)
+   fetches (``fetch_image_bytes``: s3://, local, http), validates and decodes/resizes (``decode_image``) each
+   image once per run, into the **item table** (:data:`ITEMS_SCHEMA`: item index, id, title, raw RGB bytes,
+   width, height, reason). Its blocks stay in the object store where the pass wrote them: the driver holds
+   their ObjectRefs and passes them to the workers (``train_loop_config["run"]["items"]``), which read them
+   zero-copy (one shared-memory copy per node, spilled to disk by Ray under memory pressure).
+   With ``data.check_images`` (default) the pass runs inside :func:`prepare_training_rows` and is the check:
+   rows whose target fails are dropped, history items whose image fails are removed (a history left empty
+   drops its row). Every drop is a row of the errors table (``item_id``, ``user_id``, ``image_uri``,
+   ``reason``, ``action``) that the trainer writes to ``<output_uri>/data_errors.parquet``, and the counts go
+   in the run summary: nothing is dropped silently. Knowing the exact row count before training also gives
+   every worker the same number of steps per epoch, which collectives need. With ``data.check_images=false``
+   the same pass runs in :func:`ensure_item_table`, before training, and a failing image stops the run there
+   (the catalog is asserted clean; nothing is dropped).
+4. ``ray.data.from_arrow(rows)``: ids and titles only. Ray Train shards it to the workers
+   (``get_dataset_shard("train")``, ``streaming_split(equal=True)``). Object-storage GETs per run are the
+   distinct images (plus retries), not rows x (history + 1 + negatives) x epochs.
 
-Worker side: :func:`to_train_batch` turns one pyarrow micro-batch into PIL images, titles and the integer
-target ids that mask duplicate targets out of the negatives.
+Worker side: :class:`ItemTable` reads the item table once; :func:`to_train_batch` turns one pyarrow
+micro-batch of ids into PIL images, titles and the integer target ids that mask duplicate targets out of the
+negatives.
 
-With ``objective.num_sampled_negatives = k``, each row also carries k catalog items drawn uniformly (never
-its own target) in the fetch stage; they are extra candidates after the in-batch ones.
+With ``objective.num_sampled_negatives = k``, each row also gets k items drawn uniformly on the worker from the
+item table's usable items (never its own target); they are extra candidates after the in-batch ones.
 """
 
 from __future__ import annotations
 
 import random
-from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +42,7 @@ import pyarrow as pa
 from PIL import Image
 
 if TYPE_CHECKING:
+    import ray
     import ray.data
     import torch
 
@@ -41,10 +50,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ERRORS_SCHEMA",
+    "ITEMS_SCHEMA",
+    "ItemTable",
     "TrainBatch",
     "TrainingRows",
     "build_train_dataset",
-    "fetch_images",
+    "ensure_item_table",
+    "load_item_table",
     "pack_image",
     "prepare_training_rows",
     "steps_per_epoch",
@@ -65,29 +77,45 @@ ROWS_SCHEMA = pa.schema([
     ("target_id", pa.string()),
     ("target_index", pa.int64()),
     ("target_title", pa.string()),
-    ("target_image_uri", pa.string()),
     ("history_ids", pa.list_(pa.string())),
+    ("history_indices", pa.list_(pa.int64())),
     ("history_titles", pa.list_(pa.string())),
-    ("history_image_uris", pa.list_(pa.string())),
+])
+
+ITEMS_SCHEMA = pa.schema([
+    ("item_index", pa.int64()),  # catalog row
+    ("item_id", pa.string()),
+    ("title", pa.string()),
+    ("image", pa.binary()),  # raw RGB, width * height * 3 bytes; null when the image failed
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("reason", pa.string()),  # data.images.REASONS code, null when the image is usable
 ])
 
 
 @dataclass
 class TrainingRows:
-    """The joined training rows (:data:`ROWS_SCHEMA`), the candidate pool for sampled negatives, the
-    errors table (:data:`ERRORS_SCHEMA`) and counts for the run summary."""
+    """The joined training rows (:data:`ROWS_SCHEMA`), the items they reference, the errors table
+    (:data:`ERRORS_SCHEMA`) and counts for the run summary.
+
+    ``items`` lists ``(item_index, item_id, title, image_uri)`` of every referenced catalog item (the input of
+    the item pass); ``item_refs`` holds the ObjectRefs of the item table's blocks once the pass ran (with
+    ``data.check_images``; else :func:`ensure_item_table` runs it).
+    """
 
     rows: pa.Table
-    pool: dict[str, list[Any]]  # item_index, title, image_uri of the items usable as candidates
+    items: list[tuple[int, str, str, str]]
     errors: pa.Table
     counts: dict[str, Any]
+    item_refs: list[ray.ObjectRef] | None = None
 
 
 # ------------------------------------------------------------------------------------------------ driver side
 
 
 def prepare_training_rows(cfg: TrainJobConfig) -> TrainingRows:
-    """Read, sample, join and (optionally) image-check the training rows on the driver (see module doc).
+    """Read, sample, join and (with ``data.check_images``) preprocess + check the items on the driver (see
+    module doc).
 
     Raises:
         ValueError: the split is empty after sampling and checks, or it references items missing from the
@@ -122,9 +150,12 @@ def prepare_training_rows(cfg: TrainJobConfig) -> TrainingRows:
     errors: list[dict[str, Any]] = []
     referenced = {r["target"] for r in records} | {h for r in records for h in r["history"]}
     bad: dict[str, str] = {item: "unknown_item" for item in referenced if item not in index}
+    known = sorted(index[item] for item in referenced if item in index)
+    items = [(i, item_ids[i], titles[i], uris[i]) for i in known]
+    item_refs = None
     if d.check_images:
-        known = sorted(item for item in referenced if item in index)
-        bad.update(_check_images([(item, uris[index[item]]) for item in known], cfg))
+        item_refs, failed = _preprocess_items(items, cfg)
+        bad.update(failed)
 
     out: dict[str, list[Any]] = {name: [] for name in ROWS_SCHEMA.names}
     for r in records:
@@ -147,19 +178,14 @@ def prepare_training_rows(cfg: TrainJobConfig) -> TrainingRows:
         out["target_id"].append(target)
         out["target_index"].append(t)
         out["target_title"].append(titles[t])
-        out["target_image_uri"].append(uris[t])
         out["history_ids"].append(history)
+        out["history_indices"].append([index[h] for h in history])
         out["history_titles"].append([titles[index[h]] for h in history])
-        out["history_image_uris"].append([uris[index[h]] for h in history])
     rows = pa.table(out, schema=ROWS_SCHEMA)
     if rows.num_rows == 0:
         raise ValueError(f"no training rows left in {d.dataset_uri} split {d.split!r} ({len(records)} sampled, "
                          f"{len(errors)} dropped: see the reasons in data_errors.parquet); check the catalog's "
                          "image_uri values and storage.allowed_roots")
-    # Candidates for sampled negatives: items whose image passed the check (all catalog items without it).
-    usable = [i for i, item in enumerate(item_ids) if item in referenced and item not in bad] if d.check_images \
-        else list(range(len(item_ids)))
-    pool = {"item_index": usable, "title": [titles[i] for i in usable], "image_uri": [uris[i] for i in usable]}
     err_table = pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA)
     reasons: dict[str, int] = {}
     for e in errors:
@@ -167,25 +193,60 @@ def prepare_training_rows(cfg: TrainJobConfig) -> TrainingRows:
     counts.update({"rows": rows.num_rows, "users": len(set(out["user_id"])), "sampled_rows": len(records),
                    "dropped_rows": sum(e["action"] == "dropped_row" for e in errors),
                    "dropped_history_items": sum(e["action"] == "dropped_history_item" for e in errors),
-                   "bad_items": len(bad), "error_reasons": reasons})
-    return TrainingRows(rows=rows, pool=pool, errors=err_table, counts=counts)
+                   "bad_items": len(bad), "error_reasons": reasons, "items": len(items)})
+    return TrainingRows(rows=rows, items=items, errors=err_table, counts=counts, item_refs=item_refs)
 
 
 def _error(item: str, user: str, uri: str, reason: str, action: str) -> dict[str, Any]:
     return {"item_id": item, "user_id": user, "image_uri": uri, "reason": reason, "action": action}
 
 
-def _check_images(items: list[tuple[str, str]], cfg: TrainJobConfig) -> dict[str, str]:
-    """``{item_id: reason}`` for the items whose image cannot be fetched or decoded (one Ray Data pass)."""
+def _preprocess_items(items: list[tuple[int, str, str, str]], cfg: TrainJobConfig
+                      ) -> tuple[list[ray.ObjectRef], dict[str, str]]:
+    """The item pass (one Ray Data pass, each image fetched and decoded once): the ObjectRefs of the item
+    table's blocks and ``{item_id: reason}`` for the items whose image cannot be fetched or decoded."""
+    import ray
     import ray.data
 
     if not items:
-        return {}
-    ds = ray.data.from_items([{"item_id": i, "image_uri": u} for i, u in items])
+        return [], {}
+    ds = ray.data.from_items([{"item_index": i, "item_id": item, "title": title, "image_uri": uri}
+                              for i, item, title, uri in items])
     ds = ds.map_batches(_check_batch, fn_kwargs=_image_kwargs(cfg), batch_size=cfg.data.task_batch_size,
                         batch_format="pyarrow", num_cpus=cfg.data.cpus_per_task)
-    failed = ds.filter(lambda r: r["reason"] is not None).take_all()
-    return {r["item_id"]: r["reason"] for r in failed}
+    refs = list(ds.materialize().to_arrow_refs())
+    failed: dict[str, str] = {}
+    for block in ray.get(refs):  # zero-copy views of the blocks; only two small columns are read
+        for item, reason in zip(block.column("item_id").to_pylist(), block.column("reason").to_pylist(), strict=True):
+            if reason is not None:
+                failed[item] = reason
+    return refs, failed
+
+
+def ensure_item_table(prepared: TrainingRows, cfg: TrainJobConfig) -> list[ray.ObjectRef]:
+    """The item table's block refs: the check's (``data.check_images``), else the same pass run now, strict.
+
+    Raises:
+        RuntimeError: ``data.check_images=false`` and some referenced image cannot be fetched or decoded.
+    """
+    if prepared.item_refs is None:
+        refs, failed = _preprocess_items(prepared.items, cfg)
+        if failed:
+            shown = ", ".join(f"{k} ({v})" for k, v in sorted(failed.items())[:5])
+            raise RuntimeError(f"{len(failed)} referenced images failed to load with data.check_images=false: "
+                               f"{shown}{' ...' if len(failed) > 5 else ''}; fix or remove them from the catalog, "
+                               "or set data.check_images=true to drop their rows (listed in data_errors.parquet)")
+        prepared.item_refs = refs
+    return prepared.item_refs
+
+
+def load_item_table(prepared: TrainingRows, cfg: TrainJobConfig) -> ItemTable:
+    """The item table built in this process, without Ray (tests, tools): the same per-item preprocessing."""
+    table = pa.table({"item_index": [i for i, _, _, _ in prepared.items],
+                      "item_id": [item for _, item, _, _ in prepared.items],
+                      "title": [title for _, _, title, _ in prepared.items],
+                      "image_uri": [uri for _, _, _, uri in prepared.items]})
+    return ItemTable([_check_batch(table, **_image_kwargs(cfg))])
 
 
 def _image_kwargs(cfg: TrainJobConfig) -> dict[str, Any]:
@@ -198,8 +259,22 @@ def _image_kwargs(cfg: TrainJobConfig) -> dict[str, Any]:
 
 
 def _check_batch(batch: pa.Table, **image_kw: Any) -> pa.Table:
-    reasons = [_load(uri, **image_kw)[1] for uri in batch.column("image_uri").to_pylist()]
-    return pa.table({"item_id": batch.column("item_id"), "reason": pa.array(reasons, pa.string())})
+    """Ray Data UDF of the item pass: ``image_uri`` -> ``image``/``width``/``height`` (raw RGB, resized to the
+    model's pixel range) or ``reason``; the other input columns pass through."""
+    images: list[bytes | None] = []
+    widths: list[int | None] = []
+    heights: list[int | None] = []
+    reasons: list[str | None] = []
+    for uri in batch.column("image_uri").to_pylist():
+        packed, reason = _load(uri, **image_kw)
+        images.append(packed[0] if packed else None)
+        widths.append(packed[1] if packed else None)
+        heights.append(packed[2] if packed else None)
+        reasons.append(reason)
+    cols = {name: batch.column(name) for name in batch.column_names if name != "image_uri"}
+    cols.update({"image": pa.array(images, pa.binary()), "width": pa.array(widths, pa.int32()),
+                 "height": pa.array(heights, pa.int32()), "reason": pa.array(reasons, pa.string())})
+    return pa.table(cols)
 
 
 def steps_per_epoch(num_rows: int, cfg: TrainJobConfig) -> int:
@@ -220,22 +295,13 @@ def steps_per_epoch(num_rows: int, cfg: TrainJobConfig) -> int:
 
 
 def build_train_dataset(prepared: TrainingRows, cfg: TrainJobConfig) -> ray.data.Dataset:
-    """The streaming Ray Dataset of training examples with decoded images (see module doc)."""
+    """The Ray Dataset of training rows (ids and titles; the images come from the item table)."""
     import ray.data
 
-    ds = ray.data.from_arrow(prepared.rows)
-    kwargs = _image_kwargs(cfg)
-    kwargs["num_negatives"] = cfg.objective.num_sampled_negatives
-    kwargs["pool"] = prepared.pool if cfg.objective.num_sampled_negatives else None
-    return ds.map_batches(fetch_images, fn_kwargs=kwargs, batch_size=cfg.data.task_batch_size,
-                          batch_format="pyarrow", num_cpus=cfg.data.cpus_per_task)
+    return ray.data.from_arrow(prepared.rows)
 
 
-# ------------------------------------------------------------------------------------------ CPU stage (tasks)
-
-_CACHE_BYTES = 256 * 1024 * 1024
-_cache: OrderedDict[tuple[str, int, int], tuple[bytes, int, int]] = OrderedDict()
-_cache_size = 0
+# ------------------------------------------------------------------------------------ the item pass (tasks)
 
 
 def pack_image(im: Image.Image) -> tuple[bytes, int, int]:
@@ -244,22 +310,16 @@ def pack_image(im: Image.Image) -> tuple[bytes, int, int]:
     return rgb.tobytes(), rgb.size[0], rgb.size[1]
 
 
-def unpack_image(data: bytes, width: int, height: int) -> Image.Image:
+def unpack_image(data: bytes | memoryview, width: int, height: int) -> Image.Image:
     return Image.frombytes("RGB", (int(width), int(height)), data)
 
 
 def _load(uri: str, *, endpoint: str | None, min_pixels: int, max_pixels: int, max_bytes: int,
           allowed_roots: list[str] | None, allow_private_addresses: bool = False
           ) -> tuple[tuple[bytes, int, int] | None, str | None]:
-    """Fetch + decode one image through a per-process LRU cache (histories repeat items a lot)."""
-    global _cache_size
+    """Fetch + decode + resize one image: ``(packed, None)`` or ``(None, reason)``."""
     from vlm2rec_ray.data.images import decode_image, fetch_image_bytes
 
-    key = (uri, min_pixels, max_pixels)
-    hit = _cache.get(key)
-    if hit is not None:
-        _cache.move_to_end(key)
-        return hit, None
     data, reason = fetch_image_bytes(uri, endpoint=endpoint, max_bytes=max_bytes, allowed_roots=allowed_roots,
                                      allow_private_addresses=allow_private_addresses)
     if data is None:
@@ -267,63 +327,18 @@ def _load(uri: str, *, endpoint: str | None, min_pixels: int, max_pixels: int, m
     im, reason = decode_image(data, min_pixels=min_pixels, max_pixels=max_pixels)
     if im is None:
         return None, reason
-    packed = pack_image(im)
-    _cache[key] = packed
-    _cache_size += len(packed[0])
-    while _cache_size > _CACHE_BYTES and _cache:
-        _, old = _cache.popitem(last=False)
-        _cache_size -= len(old[0])
-    return packed, None
+    return pack_image(im), None
 
 
-def _must_load(uri: str, item: str, **image_kw: Any) -> tuple[bytes, int, int]:
-    packed, reason = _load(uri, **image_kw)
-    if packed is None:
-        raise RuntimeError(f"image of item {item!r} at {uri} failed while streaming ({reason}); it passed the "
-                           "pre-training check, so this is likely transient (the worker group restarts from the last "
-                           "checkpoint). With data.check_images=false, bad images must be removed from the catalog.")
-    return packed
-
-
-def fetch_images(batch: pa.Table, *, num_negatives: int = 0, pool: dict[str, list[Any]] | None = None,
-                 **image_kw: Any) -> pa.Table:
-    """Ray Data UDF: replace the image URIs of a batch of rows with decoded images (raw RGB + size)."""
-    rows = batch.to_pylist()
-    out: dict[str, list[Any]] = {"user_id": [], "target_index": [], "target_title": [], "target_image": [],
-                                 "target_size": [], "history_titles": [], "history_images": [], "history_sizes": []}
-    if num_negatives:
-        out.update({"neg_index": [], "neg_titles": [], "neg_images": [], "neg_sizes": []})
-    rng = random.Random()
-    for r in rows:
-        img, w, h = _must_load(r["target_image_uri"], r["target_id"], **image_kw)
-        hist = [_must_load(u, i, **image_kw) for u, i in zip(r["history_image_uris"], r["history_ids"], strict=True)]
-        out["user_id"].append(r["user_id"])
-        out["target_index"].append(r["target_index"])
-        out["target_title"].append(r["target_title"])
-        out["target_image"].append(img)
-        out["target_size"].append([w, h])
-        out["history_titles"].append(r["history_titles"])
-        out["history_images"].append([p[0] for p in hist])
-        out["history_sizes"].append([[p[1], p[2]] for p in hist])
-        if num_negatives:
-            assert pool is not None
-            picks = _sample_negatives(pool, r["target_index"], num_negatives, rng)
-            negs = [_must_load(pool["image_uri"][k], str(pool["item_index"][k]), **image_kw) for k in picks]
-            out["neg_index"].append([pool["item_index"][k] for k in picks])
-            out["neg_titles"].append([pool["title"][k] for k in picks])
-            out["neg_images"].append([p[0] for p in negs])
-            out["neg_sizes"].append([[p[1], p[2]] for p in negs])
-    return pa.table(out)
-
-
-def _sample_negatives(pool: dict[str, list[Any]], target_index: int, k: int, rng: random.Random) -> list[int]:
-    n = len(pool["item_index"])
+def _sample_negatives(pool: Sequence[int], target_index: int, k: int, rng: random.Random) -> list[int]:
+    """``k`` item indices drawn uniformly from ``pool``, never ``target_index``."""
+    n = len(pool)
     picks: list[int] = []
     for _ in range(50 * k):  # rejection of the row's own target; bounded for tiny pools
         if len(picks) == k:
             break
-        j = rng.randrange(n)
-        if pool["item_index"][j] != target_index:
+        j = pool[rng.randrange(n)] if n else target_index
+        if j != target_index:
             picks.append(j)
     if len(picks) < k:
         raise ValueError(f"cannot sample {k} negatives other than the target from a pool of {n} items; lower "
@@ -332,6 +347,54 @@ def _sample_negatives(pool: dict[str, list[Any]], target_index: int, k: int, rng
 
 
 # ------------------------------------------------------------------------------------------------ worker side
+
+
+class ItemTable:
+    """A worker's view of the item table: catalog index -> PIL image and title.
+
+    The blocks are read once (``ray.get`` maps them from the node's shared memory; no per-worker copy of the
+    image bytes); each access builds the image from its raw bytes (a copy of width x height x 3 bytes).
+    """
+
+    def __init__(self, blocks: Sequence[pa.Table]) -> None:
+        self._images: list[pa.BinaryArray] = []
+        self._where: dict[int, tuple[int, int]] = {}
+        self._size: dict[int, tuple[int, int]] = {}
+        self._title: dict[int, str] = {}
+        usable = []
+        for block in blocks:
+            for chunk in block.to_batches():
+                c = len(self._images)
+                self._images.append(chunk.column(chunk.schema.get_field_index("image")))
+                cols = chunk.select(["item_index", "title", "width", "height", "reason"]).to_pydict()
+                for o, (i, title, w, h, reason) in enumerate(zip(cols["item_index"], cols["title"], cols["width"],
+                                                                  cols["height"], cols["reason"], strict=True)):
+                    self._title[i] = title
+                    if reason is None:
+                        self._where[i] = (c, o)
+                        self._size[i] = (w, h)
+                        usable.append(i)
+        self.usable: list[int] = sorted(usable)  # the candidates for sampled negatives
+
+    @classmethod
+    def from_refs(cls, refs: Sequence[ray.ObjectRef]) -> ItemTable:
+        import ray
+
+        return cls(ray.get(list(refs)))
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def title(self, index: int) -> str:
+        return self._title[index]
+
+    def image(self, index: int) -> Image.Image:
+        try:
+            c, o = self._where[index]
+        except KeyError:
+            raise KeyError(f"item {index} has no usable image in the item table (its image failed the item pass, "
+                           "or it is not referenced by the training rows)") from None
+        return unpack_image(self._images[c][o].as_buffer(), *self._size[index])
 
 
 @dataclass
@@ -352,22 +415,24 @@ class TrainBatch:
         return len(self.seq_titles)
 
 
-def to_train_batch(batch: pa.Table) -> TrainBatch:
-    """Decode a pyarrow micro-batch produced by :func:`fetch_images`."""
+def to_train_batch(batch: pa.Table, items: ItemTable, *, num_negatives: int = 0,
+                   rng: random.Random | None = None) -> TrainBatch:
+    """A pyarrow micro-batch of training rows (:data:`ROWS_SCHEMA`) -> :class:`TrainBatch`, images from
+    ``items``; ``num_negatives`` sampled negatives per row from ``items.usable`` (after the B targets)."""
     import torch
 
-    cols = batch.to_pydict()
-    seq_images = [[unpack_image(d, *s) for d, s in zip(imgs, sizes, strict=True)]
-                  for imgs, sizes in zip(cols["history_images"], cols["history_sizes"], strict=True)]
+    cols = batch.select(["target_index", "target_title", "history_indices", "history_titles"]).to_pydict()
+    seq_images = [[items.image(i) for i in hist] for hist in cols["history_indices"]]
     item_titles = list(cols["target_title"])
-    item_images = [unpack_image(d, *s) for d, s in zip(cols["target_image"], cols["target_size"], strict=True)]
     ids = list(cols["target_index"])
-    if "neg_index" in cols:
-        for titles, imgs, sizes, idx in zip(cols["neg_titles"], cols["neg_images"], cols["neg_sizes"],
-                                            cols["neg_index"], strict=True):
-            item_titles += titles
-            item_images += [unpack_image(d, *s) for d, s in zip(imgs, sizes, strict=True)]
-            ids += idx
+    item_images = [items.image(i) for i in ids]
+    if num_negatives:
+        rng = rng or random.Random()
+        for t in cols["target_index"]:
+            picks = _sample_negatives(items.usable, t, num_negatives, rng)
+            item_titles += [items.title(j) for j in picks]
+            item_images += [items.image(j) for j in picks]
+            ids += picks
     return TrainBatch(seq_titles=[list(t) for t in cols["history_titles"]], seq_images=seq_images,
                       item_titles=item_titles, item_images=item_images,
                       target_ids=torch.tensor(cols["target_index"], dtype=torch.long),

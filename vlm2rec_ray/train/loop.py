@@ -8,12 +8,16 @@ One step reads like this (:func:`train_step`)::
     engine.backward(loss.total); engine.step()
 
 :func:`train_loop_per_worker` rebuilds the config from the dict Ray passes, builds the DeepSpeed engine
-(:func:`build_engine`), restores the latest checkpoint if there is one, then runs ``train.epochs`` epochs of
-exactly ``steps_per_epoch`` optimizer steps on every worker (collectives need equal step counts). It logs
-every ``train.log_every`` steps (loss parts, mean penalty, alpha, beta, margins, samples/s, lr; averaged over
-workers), runs the gradient-alignment diagnostic every ``train.diag_every`` steps, checkpoints every
-``train.checkpoint_every`` steps and at each epoch end, and finally checks that ranks agree and every trainable
-tensor changed, and exports the model (:mod:`vlm2rec_ray.train.export`).
+(:func:`build_engine`), restores the latest checkpoint if there is one, reads the item table once
+(:class:`~vlm2rec_ray.train.data.ItemTable`: the images of the rows it streams), then runs ``train.epochs``
+epochs of exactly ``steps_per_epoch`` optimizer steps on every worker (collectives need equal step counts). It
+logs every ``train.log_every`` steps (loss parts, mean penalty, alpha, beta, margins, samples/s, lr; averaged
+over workers; the time shares waiting for data, computing and checkpointing: ``data_wait_frac``,
+``compute_frac``, ``report_frac``): one console line from rank 0 (:func:`format_progress`; every key with
+``VLM2REC_VERBOSE=1``) and a row of ``metrics.jsonl``. It runs the gradient-alignment diagnostic every
+``train.diag_every`` steps, checkpoints (and hands Ray Train the metrics) every ``train.checkpoint_every`` steps
+and at each epoch end, and finally checks that ranks agree and every trainable tensor changed, and exports the
+model (:mod:`vlm2rec_ray.train.export`).
 
 Resuming mid-epoch restores the engine (weights, optimizer, scheduler) and the step count exactly, and runs
 only the steps left in that epoch; the rows of a resumed epoch are drawn afresh from the stream (Ray Data's
@@ -36,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from vlm2rec_ray.objectives import build_neg_mask, gather_with_grad
-from vlm2rec_ray.train.data import TrainBatch, to_train_batch
+from vlm2rec_ray.train.data import ItemTable, TrainBatch, to_train_batch
 from vlm2rec_ray.train.gather import all_gather_full_grad
 from vlm2rec_ray.train.module import TrainModule
 
@@ -49,8 +53,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_engine", "build_optimizer", "build_train_module", "compute_loss", "gradient_alignment_step",
-           "train_loop_per_worker", "train_step"]
+__all__ = ["build_engine", "build_optimizer", "build_train_module", "compute_loss", "format_progress",
+           "gradient_alignment_step", "quiet_worker_output", "train_loop_per_worker", "train_step"]
 
 
 # ------------------------------------------------------------------------------------------------ one step
@@ -238,6 +242,7 @@ class _Window:
         self.steps = 0
         self.data_s = 0.0  # time spent waiting for the next batch (input-bound when large)
         self.compute_s = 0.0  # time in train_step (forward, objective, backward, optimizer)
+        self.report_s = 0.0  # time in checkpoints (saving, ray.train.report: a handoff to the controller)
         self.t0 = time.perf_counter()
 
     def add(self, metrics: dict[str, float]) -> None:
@@ -293,8 +298,39 @@ def _maybe_inject_failure(cfg: TrainJobConfig, step: int, rank: int, world: int)
     os._exit(1)
 
 
+def quiet_worker_output() -> None:
+    """The default console of a training worker: our progress lines, warnings and errors only.
+
+    Silences Ray Train's per-report "Reporting training result ..." INFO line (its logger is named after the file,
+    ``logging.getLogger(__file__)`` in ray/train/v2/_internal/execution/context.py), its per-rank "Checkpoint
+    successfully created at ..." line (``execution/storage.py``) and library FutureWarnings and DeprecationWarnings
+    (transformers, torch.distributed). ``run["verbose"]`` (``VLM2REC_VERBOSE=1``) keeps them.
+    """
+    import warnings
+
+    from ray.train.v2._internal.execution import context as train_context
+    from ray.train.v2._internal.execution import storage as train_storage
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    logging.getLogger(train_storage.__name__).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def format_progress(row: dict[str, Any], total: int) -> str:
+    """One console line per logging interval: step, epoch, loss (and its parts), samples/s, data wait."""
+    parts = [f"step {row['step']}/{total}", f"epoch {row['epoch']:.2f}", f"loss {row['loss']:.4f}"]
+    if "loss_crtr" in row and "loss_wpcl" in row:
+        parts[-1] += f" (wpcl {row['loss_wpcl']:.4f}, crtr {row['loss_crtr']:.4f})"
+    parts += [f"{row['samples_per_s']:.1f} samples/s", f"data_wait {row['data_wait_frac']:.2f}",
+              f"report {row.get('report_frac', 0.0):.2f}", f"lr {row['lr']:.2e}"]
+    if "grad_align/cos_total_image" in row:
+        parts.append(f"cos(g,g_V) {row['grad_align/cos_total_image']:.3f}")
+    return "  ".join(parts)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point: ``config = {"job": TrainJobConfig dump, "run": {"steps_per_epoch", ...}}``."""
+    """Ray Train entry point: ``config = {"job": TrainJobConfig dump, "run": {"steps_per_epoch", "items", ...}}``."""
     import ray.train
     import ray.train.torch
 
@@ -306,6 +342,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     cfg = TrainJobConfig.model_validate(config["job"])
     run = config["run"]
+    verbose = bool(run.get("verbose"))
+    if not verbose:
+        quiet_worker_output()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -327,6 +366,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     total = spe * t.epochs if t.max_steps is None else min(spe * t.epochs, t.max_steps)
     rows_per_step = t.per_device_batch_size * t.grad_accum * world
     shard = ray.train.get_dataset_shard("train")
+    items = ItemTable.from_refs(run["items"])  # the preprocessed images, read once per worker
+    negatives = cfg.objective.num_sampled_negatives
+    neg_rng = random.Random(t.seed * 7919 + rank + 104729 * len(state.resumes))
     metrics_uri = storage.join(cfg.output_uri, "metrics.jsonl")
 
     def write_history() -> None:
@@ -350,7 +392,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         micro = 0
         t_wait = time.perf_counter()
         for arrow_batch in it:
-            batch = to_train_batch(arrow_batch)
+            batch = to_train_batch(arrow_batch, items, num_negatives=negatives, rng=neg_rng)
             if objective.item_level:  # CMSA (SDA stage 1): the rows' items only, sequences not encoded
                 batch = dataclasses.replace(batch, seq_titles=[], seq_images=[])
             window.data_s += time.perf_counter() - t_wait
@@ -361,8 +403,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             window.add(train_step(engine, batch, objective, gather=gather))
             window.compute_s += time.perf_counter() - t_step
             micro += 1
-            t_wait = time.perf_counter()
             if micro % t.grad_accum:
+                t_wait = time.perf_counter()
                 continue
             state.global_step += 1
             state.step_in_epoch += 1
@@ -378,7 +420,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                        **values, "lr": float(engine.get_lr()[0]),
                        "samples_per_s": window.steps * rows_per_step / elapsed if elapsed > 0 else math.nan,
                        "data_wait_frac": window.data_s / elapsed if elapsed > 0 else math.nan,
-                       "compute_frac": window.compute_s / elapsed if elapsed > 0 else math.nan}
+                       "compute_frac": window.compute_s / elapsed if elapsed > 0 else math.nan,
+                       "report_frac": window.report_s / elapsed if elapsed > 0 else math.nan}
                 window = _Window()
             if pending_diag:
                 diag = _mean_over_ranks(pending_diag, device)
@@ -389,16 +432,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     row.update(diag)
             if row is not None:
                 history.append(row)
-                if rank == 0:
-                    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
-                    log.info("%s", shown)
+                if rank == 0 and verbose:
+                    log.info("%s", {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+                elif rank == 0:
+                    log.info("%s", format_progress(row, total))
+            # Ray Train gets the metrics with each checkpoint only; the rows in between go to the console and to
+            # metrics.jsonl (written at each checkpoint). Ray Train V2 keeps one pending result per worker and its
+            # controller takes it every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s), so ray.train.report every
+            # log_every fast steps blocks the worker: in the demo that was 60-70% of the wall time (report_frac),
+            # capping training at log_every x rows_per_step samples per 2 s.
+            t_report = time.perf_counter()
             if done:
                 pass  # the final checkpoint follows the export below, carrying the run's final metrics
             elif state.global_step % t.checkpoint_every == 0 or (end_of_epoch and t.checkpoint_at_epoch_end):
                 checkpoint(row or {"step": state.global_step})
-            elif row is not None:
-                ray.train.report(row)
+            window.report_s += time.perf_counter() - t_report
             _maybe_inject_failure(cfg, state.global_step, rank, world)
+            t_wait = time.perf_counter()  # not before: report/checkpoint time is not time waiting for data
             if end_of_epoch or done:
                 break
         if state.step_in_epoch < spe and state.global_step < total:
@@ -407,20 +457,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if state.step_in_epoch >= spe:
             state.epoch, state.step_in_epoch = epoch + 1, 0
 
-    final = _finish(cfg, engine, module, state, history, shard=ray.train.get_dataset_shard("probe"), rank=rank,
-                    device=device)
+    final = _finish(cfg, engine, module, state, history, shard=ray.train.get_dataset_shard("probe"), items=items,
+                    rank=rank, device=device)
     # The last checkpoint holds the final state and metrics (Ray's Result.metrics); a re-run after completion
     # restores it, runs no step, and exports again.
     checkpoint(final)
 
 
 def _finish(cfg: TrainJobConfig, engine: DeepSpeedEngine, module: TrainModule, state: Any,
-            history: list[dict[str, Any]], *, shard: Any, rank: int, device: torch.device) -> dict[str, Any]:
+            history: list[dict[str, Any]], *, shard: Any, items: ItemTable, rank: int,
+            device: torch.device) -> dict[str, Any]:
     """After the last step: rank agreement, changed-parameter check, export. All ranks call this."""
     from vlm2rec_ray.train import export
 
     probe_batch = to_train_batch(next(iter(shard.iter_batches(batch_size=cfg.train.per_device_batch_size,
-                                                               batch_format="pyarrow"))))
+                                                               batch_format="pyarrow"))), items)
     probe = _probe_embeddings(engine, probe_batch)
     now = export.fingerprints(module)
     unchanged = sorted(n for n, fp in state.initial_fingerprints.items() if now.get(n) == fp)

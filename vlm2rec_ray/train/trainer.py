@@ -18,13 +18,14 @@ up to ``max_failures`` times.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vlm2rec_ray import storage
-from vlm2rec_ray.runtime import connect_ray
+from vlm2rec_ray.runtime import connect_ray, verbose
 
 if TYPE_CHECKING:
     import ray.data
@@ -47,8 +48,10 @@ def _storage(cfg: TrainJobConfig) -> tuple[str, Any]:
 
 
 def build_trainer(cfg: TrainJobConfig, datasets: dict[str, ray.data.Dataset] | None = None,
-                  run_info: dict[str, Any] | None = None) -> TorchTrainer:
-    """The ``TorchTrainer`` for ``cfg`` (see module doc); ``run_info`` travels to the workers as ``config["run"]``."""
+                  run_info: dict[str, Any] | None = None, *,
+                  train_loop: Callable[[dict[str, Any]], None] | None = None) -> TorchTrainer:
+    """The ``TorchTrainer`` for ``cfg`` (see module doc); ``run_info`` travels to the workers as ``config["run"]``.
+    ``train_loop`` replaces :func:`~vlm2rec_ray.train.loop.train_loop_per_worker` (benchmarks/train_feed.py)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -68,7 +71,7 @@ def build_trainer(cfg: TrainJobConfig, datasets: dict[str, ray.data.Dataset] | N
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
     )
     return TorchTrainer(
-        train_loop_per_worker,
+        train_loop or train_loop_per_worker,
         # exclude_unset: the worker rebuilds exactly the settings given (validators read model_fields_set)
         train_loop_config={"job": cfg.model_dump(mode="json", exclude_unset=True), "run": dict(run_info or {})},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
@@ -94,7 +97,12 @@ def run_training(cfg: TrainJobConfig, *, progress: Callable[[str], None] = print
         ray.train.TrainingFailedError: training failed more than ``max_failures`` times.
     """
     from vlm2rec_ray.config import config_hash
-    from vlm2rec_ray.train.data import build_train_dataset, prepare_training_rows, steps_per_epoch
+    from vlm2rec_ray.train.data import (
+        build_train_dataset,
+        ensure_item_table,
+        prepare_training_rows,
+        steps_per_epoch,
+    )
     from vlm2rec_ray.train.export import write_model_card
 
     started = time.time()
@@ -111,10 +119,11 @@ def run_training(cfg: TrainJobConfig, *, progress: Callable[[str], None] = print
     if prepared.errors.num_rows:
         storage.write_parquet(prepared.errors, storage.join(cfg.output_uri, "data_errors.parquet"), endpoint=endpoint)
     spe = steps_per_epoch(prepared.rows.num_rows, cfg)
-    probe = type(prepared)(rows=prepared.rows.slice(0, min(PROBE_ROWS, prepared.rows.num_rows)), pool=prepared.pool,
-                           errors=prepared.errors, counts=counts)
+    # The item table (each image fetched and decoded once) stays in the object store; the workers read its blocks.
+    item_refs = ensure_item_table(prepared, cfg)
+    probe = dataclasses.replace(prepared, rows=prepared.rows.slice(0, min(PROBE_ROWS, prepared.rows.num_rows)))
     datasets = {"train": build_train_dataset(prepared, cfg), "probe": build_train_dataset(probe, cfg)}
-    run_info = {"steps_per_epoch": spe, "num_rows": prepared.rows.num_rows}
+    run_info = {"steps_per_epoch": spe, "num_rows": prepared.rows.num_rows, "items": item_refs, "verbose": verbose()}
     progress(f"{cfg.scaling.num_workers} workers x {cfg.train.per_device_batch_size} rows x "
              f"{cfg.train.grad_accum} accumulation: {spe} steps per epoch, {cfg.train.epochs} epochs; "
              f"checkpoints in {cfg.resolved_storage_path}/{cfg.run_name}")

@@ -14,7 +14,7 @@ from vlm2rec_ray.config import TrainJobConfig, load_config
 from vlm2rec_ray.train.data import (
     _check_batch,
     _image_kwargs,
-    fetch_images,
+    load_item_table,
     prepare_training_rows,
     steps_per_epoch,
     to_train_batch,
@@ -44,7 +44,12 @@ def test_rows_join_the_catalog_and_few_shot_keeps_k_users(dataset: Path) -> None
     catalog = {r["item_id"]: r for r in pq.read_table(dataset / "catalog.parquet").to_pylist()}
     assert row["target_title"] == catalog[row["target_id"]]["title"]
     assert row["history_titles"] == [catalog[h]["title"] for h in row["history_ids"]]
-    assert all(Path(u).is_absolute() and Path(u).exists() for u in row["history_image_uris"])
+    ids = pq.read_table(dataset / "catalog.parquet").column("item_id").to_pylist()
+    assert [ids[i] for i in row["history_indices"]] == row["history_ids"] and ids[row["target_index"]] == row["target_id"]
+    # every referenced item once, with its absolute image URI (the input of the item pass)
+    referenced = {i for r in full.rows.to_pylist() for i in [r["target_index"], *r["history_indices"]]}
+    assert sorted(i for i, _, _, _ in full.items) == sorted(referenced)
+    assert all(Path(u).is_absolute() and Path(u).exists() for _, _, _, u in full.items)
     few = prepare_training_rows(_cfg(dataset, "data.few_shot_users=3", "data.seed=1"))
     assert len(set(few.rows.column("user_id").to_pylist())) == 3 == few.counts["users"]
     again = prepare_training_rows(_cfg(dataset, "data.few_shot_users=3", "data.seed=1"))
@@ -76,11 +81,12 @@ def test_unknown_items_and_broken_images_are_errors_not_silent_drops(dataset: Pa
     assert reasons[0] is None and reasons[1] is not None
 
 
-def test_fetch_images_and_sampled_negatives(dataset: Path) -> None:
+def test_item_table_and_sampled_negatives(dataset: Path) -> None:
     cfg = _cfg(dataset, "objective.num_sampled_negatives=2")
     prepared = prepare_training_rows(cfg)
-    table = fetch_images(prepared.rows.slice(0, 3), num_negatives=2, pool=prepared.pool, **_image_kwargs(cfg))
-    batch = to_train_batch(table)
+    items = load_item_table(prepared, cfg)
+    assert len(items) == len(prepared.items) == len(items.usable)
+    batch = to_train_batch(prepared.rows.slice(0, 3), items, num_negatives=2)
     assert len(batch) == 3 and len(batch.item_titles) == 3 + 3 * 2 and batch.item_ids.shape == (9,)
     assert batch.item_images[0].size == (56, 56)  # resized to model.min/max_pixels
     assert all(batch.item_ids[3 + 2 * i + k] != batch.target_ids[i] for i in range(3) for k in range(2))
