@@ -210,3 +210,16 @@ def test_duckdb_reads_the_current_snapshot_from_arrow(world: dict[str, Any]) -> 
         FROM items i, (SELECT emb_fused FROM items WHERE item_id = '{CHANGED}') q
         ORDER BY score DESC LIMIT 3""").fetchall()
     assert top[0][0] == CHANGED and abs(top[0][1] - 1.0) < 1e-5 and len(top) == 3
+
+
+def test_sequences_go_to_their_own_table(world: dict[str, Any]) -> None:
+    from vlm2rec_ray.embed import read_embeddings, run_embed_sequences
+    from vlm2rec_ray.embed.schema import sequence_schema
+
+    w = world
+    s = run_embed_sequences(_cfg(w, f"dt={DT1}", "split=test", "max_failure_fraction=0.5", "batch_size=8"))
+    assert s["ok"] + s["failed"] == s["input_rows"] > 0 and s["ok"] > 0
+    got = read_embeddings("embeddings.sequences", DT1, catalog=w["props"])
+    dim = got.schema.field("emb_fused").type.list_size
+    assert got.schema.equals(sequence_schema(dim), check_metadata=False) and got.num_rows == s["ok"]
+    assert len(pc.unique(got.column("user_id"))) == got.num_rows
