@@ -296,6 +296,8 @@ def throughput(args: argparse.Namespace) -> dict:
         model = args.model or model_dir(args.model_size or "small")
         out = "s3://bench-catalog/emb" if endpoint else str(Path(tmp) / "emb")
         extra = [f"batch_size={args.batch_size}", *args.set]
+        if args.output_format == "iceberg":  # sqlite SQL catalog in the temp dir; the warehouse is `out`
+            extra += ["output_format=iceberg", f"iceberg.catalog.uri=sqlite:///{Path(tmp) / 'catalog.db'}"]
         cfg = embed_config(model, catalog, out, endpoint, extra)
         init_local_ray(num_cpus=os.cpu_count())
         if args.warm_up:
@@ -303,7 +305,7 @@ def throughput(args: argparse.Namespace) -> dict:
             # up already. The measured run still starts its own model actor (a fresh process: imports, weights).
             w0 = time.perf_counter()
             warm = make_catalog(base + "-warm-up", args.warm_up, args.image_size, endpoint, seed=1)
-            run_embed_items(embed_config(model, warm, out + "-warm-up", endpoint, extra))
+            run_embed_items(embed_config(model, warm, out + "-warm-up", endpoint, [*extra, "iceberg.namespace=warmup"]))
             print(f"warm-up: {args.warm_up} other items through the pipeline first ({time.perf_counter() - w0:.1f} s)",
                   flush=True)
         t0 = time.perf_counter()
@@ -331,6 +333,7 @@ def throughput(args: argparse.Namespace) -> dict:
         peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(model["device"], dtype)
         flops = model["flops_per_item"]
         result = {"items": args.items, "warm_up": args.warm_up, "storage": args.storage,
+                  "output_format": args.output_format,
                   "model": Path(cfg.model.name).name,
                   "batch_size": cfg.batch_size, "deterministic": cfg.deterministic, "image_size": args.image_size,
                   "cpus": os.cpu_count(), "pipeline_items_per_s": round(pipe_ips, 1), "pipeline_wall_s": round(wall, 2),
@@ -345,7 +348,7 @@ def throughput(args: argparse.Namespace) -> dict:
                   "mfu_pipeline": round(mfu(flops, pipe_ips, peak), 4) if peak else None,
                   "mfu_pipeline_steady": round(mfu(flops, timeline["steady_items_per_s"], peak), 4) if peak else None}
         cluster = ", warm cluster" if args.warm_up else ""
-        print(f"pipeline {pipe_ips:.1f} items/s ({args.storage} -> Parquet, {wall:.1f} s incl. actor start-up"
+        print(f"pipeline {pipe_ips:.1f} items/s ({args.storage} -> {args.output_format}, {wall:.1f} s incl. actor start-up"
               f"{cluster}) | model "
               f"alone {best:.1f} items/s (batch {cfg.batch_size}, {threads} thread; padded encode_items "
               f"{model['forward']:.1f}, the actor's encoder core {model['actor_core']:.1f}) | ratio {ratio:.2f} "
@@ -523,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=96, help="mean image side in pixels")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--storage", choices=("s3", "local"), default="s3")
+    p.add_argument("--output-format", choices=("parquet", "iceberg"), default="parquet",
+                   help="iceberg: a table in a sqlite SQL catalog (temp dir), the warehouse on --storage")
     p.add_argument("--model", default=None, help="model dir (default: a random backbone of --model-size)")
     p.add_argument("--model-size", choices=("tiny", "small", "3b"), default=None,
                    help="random backbone built offline: small (17M, default for throughput), tiny (0.2M, the test "

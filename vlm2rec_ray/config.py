@@ -386,6 +386,35 @@ class EvalJobConfig(_Part):
 _DT_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
+class IcebergConfig(_Part):
+    """The ``iceberg:`` section of an embed job with ``output_format: iceberg`` (see vlm2rec_ray/embed/iceberg.py).
+
+    ``catalog`` holds pyiceberg catalog properties (``type``, ``uri``, ``warehouse``...), merged over pyiceberg's
+    own configuration for ``catalog_name`` (``~/.pyiceberg.yaml``, ``PYICEBERG_CATALOG__<NAME>__<KEY>`` env vars,
+    where credentials belong). Empty everywhere = a SQL catalog on ``<output_uri>/iceberg_catalog.db`` (sqlite,
+    local output only).
+    """
+
+    catalog_name: str = Field("vlm2rec", pattern=r"^[A-Za-z0-9_]+$", description="pyiceberg catalog name (its "
+                              "config and env vars are looked up under this name)")
+    namespace: str = Field("embeddings", pattern=r"^[A-Za-z0-9_]+$", description="tables are <namespace>.items "
+                           "and <namespace>.sequences")
+    catalog: dict[str, str] = Field(default_factory=dict, description="pyiceberg catalog properties, e.g. "
+                                    "{type: rest, uri: https://polaris:8181/api/catalog, warehouse: prod}; no "
+                                    "credentials (env vars / .pyiceberg.yaml / the pod's role)")
+
+    @field_validator("catalog")
+    @classmethod
+    def _no_credentials(cls, v: dict[str, str]) -> dict[str, str]:
+        secret = [k for k in v if any(w in k.lower() for w in ("secret", "password", "credential", "token",
+                                                              "access-key", "session"))]
+        if secret or any(re.search(r"://[^/@\s]+:[^/@\s]+@", str(x)) for x in v.values()):
+            raise ValueError(f"iceberg.catalog holds credentials ({secret or 'a user:password@ in a URI'}); keep "
+                             "them out of configs: set PYICEBERG_CATALOG__<NAME>__<KEY> env vars (a Kubernetes "
+                             "secret) or ~/.pyiceberg.yaml, or use the node's IAM role")
+        return v
+
+
 class EmbedJobConfig(_Part):
     """``vlm2rec embed items|sequences``: stream a catalog (or a split's user histories) from object storage
     through model actors into Parquet embedding snapshots (``<output_uri>/<items|sequences>/dt=<dt>/``).
@@ -431,6 +460,9 @@ class EmbedJobConfig(_Part):
                            "(identical titles/images are encoded once); 0 = dedup within a batch only")
     progress: bool = Field(True, description="Ray Data progress bars")
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    output_format: Literal["parquet", "iceberg"] = Field("parquet", description="parquet: dt= snapshots with a "
+                                                         "manifest; iceberg: one Iceberg table per kind (iceberg:)")
+    iceberg: IcebergConfig = Field(default_factory=lambda: IcebergConfig())
     max_title_chars: int = Field(2000, ge=1, description="titles are cut to this many characters before "
                                  "tokenizing (a 100 KB title is ~75k tokens: ~45 s of one CPU core per forward "
                                  "with the 0.2M test model, and attention cost grows with its square)")

@@ -24,7 +24,7 @@ import ray.data
 
 from vlm2rec_ray import storage
 from vlm2rec_ray.config import EmbedJobConfig
-from vlm2rec_ray.embed import inputs, publish, stages
+from vlm2rec_ray.embed import iceberg, inputs, publish, stages
 from vlm2rec_ray.embed.plan import RunPlan, plan_run, resolve_paths
 from vlm2rec_ray.embed.publish import EmbedFailureError, format_summary
 from vlm2rec_ray.embed.schema import KEY_COLUMN
@@ -58,6 +58,8 @@ def _run(cfg: EmbedJobConfig, kind: str, progress: Callable[[str], None] | None)
     say = progress or (lambda _m: None)
     started, started_epoch = time.perf_counter(), time.time()  # wall clock: to compare with the rows' embedded_at
     plan = plan_run(resolve_paths(cfg), kind)  # inputs and model checked before Ray starts: fails in seconds
+    if plan.cfg.output_format == "iceberg":  # the same stages; the commit differs (embed/iceberg.py)
+        iceberg.prepare(plan)
     connect_ray()
     plan.retries_at_start = job_retries()
     ctx = ray.data.DataContext.get_current()
@@ -68,7 +70,7 @@ def _run(cfg: EmbedJobConfig, kind: str, progress: Callable[[str], None] | None)
         say(f"embed {kind}: {plan.source_uri} -> {plan.run.partition} (run {plan.run.run_id}, d={plan.dim}, "
             f"{plan.cfg.num_actors} actor(s) x {plan.gpus:g} GPU)")
         census = _census(plan)
-        sink, scan = stages.snapshot_sink(plan), None
+        sink, scan = (iceberg.snapshot_sink(plan) if plan.table is not None else stages.snapshot_sink(plan)), None
         try:  # the executor's freed native allocations go back to the OS as the run goes (driver RSS stays flat)
             with returning_freed_memory(TRIM_EVERY_S):
                 scan = stages.run_incremental(plan, sink, say) if plan.cfg.incremental else stages.run_full(plan, sink)
@@ -78,11 +80,14 @@ def _run(cfg: EmbedJobConfig, kind: str, progress: Callable[[str], None] | None)
                 plan.run.fail({"error": f"{type(root).__name__}: {root}"[:2000]})
             except Exception as e2:  # the original error matters more
                 logging.getLogger(__name__).warning("could not mark run %s failed: %s", plan.run.run_id, e2)
+            if plan.table is not None:
+                iceberg.abort(plan)
             if root is not e:  # a ValueError raised in a Ray task reaches here wrapped; show the cause
                 raise root from e
             raise
         say(f"input: {census['rows']} rows in {len(plan.files)} file(s)")
-        return publish.finish(plan, census, sink.result, scan, started, started_epoch)
+        return (iceberg.finish if plan.table is not None else publish.finish)(plan, census, sink.result, scan,
+                                                                              started, started_epoch)
     finally:
         ctx.enable_progress_bars, ctx.raise_original_map_exception, ctx.retried_io_errors, ctx.use_datasource_v2 = saved
 

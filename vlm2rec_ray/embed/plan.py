@@ -45,6 +45,8 @@ class RunPlan:
     previous: dict[str, Any] | None = None
     catalog_ref: Any = None  # ObjectRef of the sequences' CatalogLookup
     retries_at_start: int | None = None  # the job's S3 retries when the run began (storage.retries.job_retries)
+    table: Any = None  # output_format=iceberg: the pyiceberg Table (embed/iceberg.py)
+    carry: bool = True  # an incremental run copies unchanged rows into the snapshot (not into an Iceberg table)
 
     @property
     def endpoint(self) -> str | None:

@@ -232,13 +232,18 @@ def _read_files(files: list[str], *, endpoint: str | None, columns: list[str] | 
 
 
 def read_embeddings(uri: str, dt: str | None = None, *, endpoint: str | None = None,
-                    columns: list[str] | None = None) -> pa.Table:
+                    columns: list[str] | None = None, catalog: dict[str, str] | str | None = None) -> pa.Table:
     """The snapshot ``dt`` (default: the latest) of ``<output_uri>/items`` or ``/sequences`` as one table,
-    following its manifest (only ``columns`` when given).
+    following its manifest (only ``columns`` when given). With ``catalog`` (pyiceberg properties or a catalog
+    name), ``uri`` is an Iceberg table (``embeddings.items``) and ``dt`` its tag: see ``embed/iceberg.py``.
 
     Raises:
         FileNotFoundError: no snapshot at ``uri`` or no such ``dt``.
     """
+    if catalog is not None:
+        from vlm2rec_ray.embed import iceberg
+
+        return iceberg.read_embeddings(uri, dt, catalog=catalog, columns=columns)
     snap = snapshot_files(uri, dt, endpoint=endpoint)
     if snap.files:
         return _read_files(snap.files, endpoint=endpoint, columns=columns)

@@ -140,7 +140,7 @@ def run_incremental(plan: RunPlan, sink: RowSink, say: Callable[[str], None]) ->
                                               kind=plan.kind)))
     if staged["failed"]:  # already rows of the contract: straight to the errors table
         branches.append(inputs.read_rows(staged["failed"], "parquet", endpoint=plan.endpoint))
-    if staged["unchanged"]:
+    if staged["unchanged"] and plan.carry:
         assert prev is not None
         unchanged_ref = index.remote(staged["unchanged"], "key", endpoint=plan.endpoint)
         carry = inputs.read_rows(prev["_files"], "parquet", endpoint=plan.endpoint)
