@@ -22,6 +22,8 @@ Driver side (:func:`prepare_training_rows`, :func:`ensure_item_table`, :func:`bu
 4. ``ray.data.from_arrow(rows)``: ids and titles only. Ray Train shards it to the workers
    (``get_dataset_shard("train")``, ``streaming_split(equal=True)``). Object-storage GETs per run are the
    distinct images (plus retries), not rows x (history + 1 + negatives) x epochs.
+5. Item-level objectives (``cmsa``, SDA's stage 1) train on items alone: the rows become every distinct item of
+   the kept rows once (:func:`_item_rows`), and the loop does not encode sequences.
 
 Worker side: :class:`ItemTable` reads the item table once; :func:`to_train_batch` turns one pyarrow
 micro-batch of ids into PIL images, titles and the integer target ids that mask duplicate targets out of the
@@ -182,6 +184,11 @@ def prepare_training_rows(cfg: TrainJobConfig) -> TrainingRows:
         out["history_indices"].append([index[h] for h in history])
         out["history_titles"].append([titles[index[h]] for h in history])
     rows = pa.table(out, schema=ROWS_SCHEMA)
+    from vlm2rec_ray.objectives import ITEM_LEVEL
+
+    if cfg.objective.variant in ITEM_LEVEL and rows.num_rows:
+        rows = _item_rows(rows, d.seed)
+        counts["item_level"] = True
     if rows.num_rows == 0:
         raise ValueError(f"no training rows left in {d.dataset_uri} split {d.split!r} ({len(records)} sampled, "
                          f"{len(errors)} dropped: see the reasons in data_errors.parquet); check the catalog's "
@@ -195,6 +202,26 @@ def prepare_training_rows(cfg: TrainJobConfig) -> TrainingRows:
                    "dropped_history_items": sum(e["action"] == "dropped_history_item" for e in errors),
                    "bad_items": len(bad), "error_reasons": reasons, "items": len(items)})
     return TrainingRows(rows=rows, items=items, errors=err_table, counts=counts, item_refs=item_refs)
+
+
+def _item_rows(rows: pa.Table, seed: int) -> pa.Table:
+    """Item-level rows for objectives that train on items alone (SDA's stage 1): every distinct item of the
+    kept rows (targets and histories, after the drops) once, in a seeded order. Each row's history is the item
+    itself, a placeholder the training loop does not encode."""
+    order: dict[int, tuple[str, str]] = {}
+    for cols in zip(rows.column("target_index").to_pylist(), rows.column("target_id").to_pylist(),
+                    rows.column("target_title").to_pylist(), strict=True):
+        order.setdefault(cols[0], cols[1:])
+    for indices, ids, titles in zip(rows.column("history_indices").to_pylist(), rows.column("history_ids").to_pylist(),
+                                    rows.column("history_titles").to_pylist(), strict=True):
+        for i, item, title in zip(indices, ids, titles, strict=True):
+            order.setdefault(i, (item, title))
+    keys = sorted(order)
+    random.Random(seed).shuffle(keys)
+    return pa.table({"user_id": [""] * len(keys), "target_id": [order[i][0] for i in keys], "target_index": keys,
+                     "target_title": [order[i][1] for i in keys], "history_ids": [[order[i][0]] for i in keys],
+                     "history_indices": [[i] for i in keys], "history_titles": [[order[i][1]] for i in keys]},
+                    schema=ROWS_SCHEMA)
 
 
 def _error(item: str, user: str, uri: str, reason: str, action: str) -> dict[str, Any]:

@@ -58,6 +58,18 @@ def test_rows_join_the_catalog_and_few_shot_keeps_k_users(dataset: Path) -> None
     assert capped.rows.num_rows == 5
 
 
+def test_item_level_objective_trains_each_distinct_item_once(dataset: Path) -> None:
+    """objective.variant=cmsa (SDA's stage 1): one row per distinct item of the kept rows, seeded order."""
+    full = prepare_training_rows(_cfg(dataset))
+    items = prepare_training_rows(_cfg(dataset, "objective.variant=cmsa"))
+    referenced = {i for r in full.rows.to_pylist() for i in [r["target_index"], *r["history_indices"]]}
+    got = items.rows.column("target_index").to_pylist()
+    assert sorted(got) == sorted(referenced) and len(got) == len(set(got)) and items.counts["item_level"]
+    assert got != sorted(got)  # shuffled with data.seed
+    assert items.rows.column("history_indices").to_pylist() == [[i] for i in got]
+    assert items.counts["rows"] == len(got) and items.counts["sampled_rows"] == full.rows.num_rows
+
+
 def test_unknown_items_and_broken_images_are_errors_not_silent_drops(dataset: Path, tmp_path: Path) -> None:
     data = tmp_path / "d"
     shutil.copytree(dataset, data)
