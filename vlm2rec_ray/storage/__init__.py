@@ -46,11 +46,9 @@ def write_text(uri: str, text: str, *, endpoint: str | None = None) -> None:
     write_bytes(uri, text.encode("utf-8"), endpoint=endpoint)
 
 
-@contextlib.contextmanager
-def open_read(uri: str, *, endpoint: str | None = None) -> Iterator[BinaryIO]:
-    """Stream an object or file (inputs too large to hold in memory, e.g. review dumps)."""
-    with backend(uri, endpoint).open(uri) as f:
-        yield f
+def open_read(uri: str, *, endpoint: str | None = None) -> contextlib.AbstractContextManager[BinaryIO]:
+    """``with open_read(uri) as f``: stream an object or file (inputs too large to hold in memory, e.g. dumps)."""
+    return backend(uri, endpoint).open(uri)
 
 
 def exists(uri: str, *, endpoint: str | None = None) -> bool:
@@ -60,8 +58,7 @@ def exists(uri: str, *, endpoint: str | None = None) -> bool:
 
 def list_uris(prefix: str, *, endpoint: str | None = None, suffix: str = "") -> list[str]:
     """All objects/files under a prefix (recursive), sorted, optionally filtered by suffix."""
-    b = backend(prefix, endpoint)
-    return [u for u in b.list(prefix) if u.endswith(suffix)] if b.exists(prefix) else []
+    return [u for u in backend(prefix, endpoint).list(prefix) if u.endswith(suffix)]
 
 
 def delete(uri: str, *, endpoint: str | None = None) -> bool:
@@ -69,14 +66,13 @@ def delete(uri: str, *, endpoint: str | None = None) -> bool:
     b = backend(uri, endpoint)
     found = b.exists(uri)
     if found:
-        b.delete([uri])
+        b.delete(uri)
     return found
 
 
 def delete_prefix(prefix: str, *, endpoint: str | None = None) -> int:
     """Delete everything under a prefix; returns how many objects/files were removed."""
-    b = backend(prefix, endpoint)
-    return b.delete_prefix(prefix) if b.exists(prefix) else 0
+    return backend(prefix, endpoint).delete_prefix(prefix)
 
 
 def put_file(path: str | os.PathLike[str], uri: str, *, endpoint: str | None = None) -> int:
@@ -93,7 +89,7 @@ def download_prefix(prefix: str, local_dir: str | os.PathLike[str], *, endpoint:
         StorageError: nothing under ``prefix`` (``missing``), or a copy failed.
     """
     b = backend(prefix, endpoint)
-    objects = b.list(prefix) if b.exists(prefix) else {}
+    objects = b.list(prefix)
     if not objects:
         raise StorageError(f"nothing found under {prefix}; check the URI and the endpoint", reason="missing")
     base, dest = b.absolute(prefix).rstrip("/") + "/", Path(local_dir)
