@@ -69,27 +69,23 @@ def split(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def error(uri: str, exc: Exception) -> StorageError:
-    """A boto3/s3transfer exception as a :class:`StorageError` with a reason from its error code."""
-    resp = getattr(exc, "response", None)
-    code = str(resp.get("Error", {}).get("Code", "")) if isinstance(resp, dict) else ""
-    text = f"{code} {exc}"
-    if code in _MISSING or any(f"({c})" in text for c in _MISSING):
-        return StorageError(f"object not found: {uri} ({code or 'NoSuchKey'})", reason="missing")
-    if code in _DENIED or any(f"({c})" in text for c in _DENIED):
-        return StorageError(f"access denied to {uri} ({code or 'AccessDenied'}); check the credentials for this "
-                            "bucket", "denied")
-    return StorageError(f"S3 request for {uri} failed: {type(exc).__name__}: {exc}", reason="io_error")
-
-
 @contextlib.contextmanager
 def _errors(uri: str) -> Iterator[None]:
+    """boto3/s3transfer exceptions as :class:`StorageError` with a reason from their error code."""
     try:
         yield
     except StorageError:
         raise
     except Exception as e:
-        raise error(uri, e) from e
+        resp = getattr(e, "response", None)
+        code = str(resp.get("Error", {}).get("Code", "")) if isinstance(resp, dict) else ""
+        text = f"{code} {e}"
+        if code in _MISSING or any(f"({c})" in text for c in _MISSING):
+            raise StorageError(f"object not found: {uri} ({code or 'NoSuchKey'})", reason="missing") from e
+        if code in _DENIED or any(f"({c})" in text for c in _DENIED):
+            raise StorageError(f"access denied to {uri} ({code or 'AccessDenied'}); check the credentials for "
+                               "this bucket", "denied") from e
+        raise StorageError(f"S3 request for {uri} failed: {type(e).__name__}: {e}", reason="io_error") from e
 
 
 class S3Backend(Backend):
@@ -153,4 +149,4 @@ class S3Backend(Backend):
         return pafs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
 
 
-__all__ = ["S3Backend", "endpoint_url", "error", "s3_client", "split"]
+__all__ = ["S3Backend", "endpoint_url", "s3_client", "split"]
