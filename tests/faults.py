@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import random
+import re
 import socket
 import threading
 import time
@@ -28,6 +29,8 @@ class FaultPlan:
     counts: dict[str, int] = field(default_factory=lambda: {"forwarded": 0, "error": 0, "drop": 0, "slow": 0})
     # errors + drops by the client that met them: "boto3" (botocore's User-Agent) or "other" (pyarrow's AWS SDK)
     faults_by_client: dict[str, int] = field(default_factory=lambda: {"boto3": 0, "other": 0})
+    # errors + drops met by the project's boto3 clients (storage.s3_client), by the pid in their User-Agent
+    faults_by_pid: dict[int, int] = field(default_factory=dict)
 
 
 class FaultProxy:
@@ -51,8 +54,11 @@ class FaultProxy:
                 fate = proxy._fate()
                 if fate in ("error", "drop"):
                     agent = self.headers.get("User-Agent") or ""
+                    pid = re.search(r"vlm2rec-pid/(\d+)", agent)
                     with proxy._lock:
                         proxy.plan.faults_by_client["boto3" if "Botocore" in agent else "other"] += 1
+                        if pid:
+                            proxy.plan.faults_by_pid[int(pid[1])] = proxy.plan.faults_by_pid.get(int(pid[1]), 0) + 1
                 if fate == "drop":
                     self.close_connection = True
                     try:

@@ -48,7 +48,8 @@ def s3_client(endpoint: str | None = None, max_attempts: int = 8, timeout_s: flo
         client = _CLIENTS.get((ep, max_attempts, timeout_s))
         if client is None:
             cfg = Config(retries={"max_attempts": max_attempts, "mode": "adaptive"}, connect_timeout=min(timeout_s, 10.0),
-                         read_timeout=timeout_s, max_pool_connections=32)
+                         read_timeout=timeout_s, max_pool_connections=32,
+                         user_agent_extra=f"vlm2rec-pid/{os.getpid()}")  # which process asked (access logs)
             client = boto3.session.Session().client("s3", endpoint_url=ep, config=cfg, region_name=_region())
             client.meta.events.register("request-created.s3", retries.count_retry, unique_id="vlm2rec-retries")
             _CLIENTS[(ep, max_attempts, timeout_s)] = client
