@@ -58,7 +58,8 @@ class FaultProxy:
                     with proxy._lock:
                         proxy.plan.faults_by_client["boto3" if "Botocore" in agent else "other"] += 1
                         if pid:
-                            proxy.plan.faults_by_pid[int(pid[1])] = proxy.plan.faults_by_pid.get(int(pid[1]), 0) + 1
+                            by_pid = proxy.plan.faults_by_pid
+                            by_pid[int(pid[1])] = by_pid.get(int(pid[1]), 0) + 1
                 if fate == "drop":
                     self.close_connection = True
                     try:

@@ -87,12 +87,12 @@ def _settled_job_retries(timeout_s: float = 30.0) -> int:
 
 
 def _check_retries_counted(plan: FaultPlan, counted: int) -> None:
-    """What the job's retry figure guarantees (vlm2rec_ray.storage.retries). Every fault the proxy gave a boto3
-    client went to one of the project's clients (``storage.s3_client``: they tag their User-Agent with the pid),
-    which retried it once and counted it in its process. The figure adds up the processes' exported counts: never
-    more than the faults, and at least the faults of the processes still alive (they exported every second). A
-    worker that Ray stopped within an export interval of its last retry (an idle task worker, a Dataset's actor at
-    the end) may be missing its last retries."""
+    """What the job's retry figure guarantees (vlm2rec_ray.storage.retries). Every fault the proxy gave a
+    boto3 client went to one of the project's clients (``storage.s3_client``: they tag their User-Agent with
+    the pid), which retried it once and counted it in its process. The figure adds up the processes' exported
+    counts: never more than the faults, and at least the faults of the processes still alive (they exported
+    every second). A worker that Ray stopped within an export interval of its last retry (an idle task worker,
+    a Dataset's actor at the end) may be missing its last retries."""
     import psutil
 
     boto3_faults = plan.faults_by_client["boto3"]
@@ -167,7 +167,7 @@ def test_incremental_run_under_storage_faults_counts_every_retry(moto_endpoint: 
     assert first["ok"] == N and plan.counts["error"] + plan.counts["drop"] >= 5, plan.counts
     assert (s["changed"], s["unchanged"], s["deleted"], s["failed"]) == (1, N - 3, 1, 1), s
     _check_retries_counted(plan, counted)
-    assert s["storage_retries"] is not None and s["storage_retries"] <= counted, (s["storage_retries"], counted)
+    assert s["storage_retries"] is not None and s["storage_retries"] <= counted, (s, counted)
     t = read_embeddings(f"{out}/items", endpoint=moto_endpoint)
     assert t.num_rows == N - 2 and len(set(t.column("item_id").to_pylist())) == N - 2
     assert not storage.list_uris(f"{out}/items/dt=2026-11-24/run={s['run_id']}/_staging", endpoint=moto_endpoint)

@@ -1,7 +1,7 @@
 """Inputs of an embed run: which files, what they hold (the census), the model's size, the catalog lookup.
 
-All of it runs before any image is fetched: a missing file or column or a duplicate id fails the run in seconds
-with nothing written. Rows are read by Ray Data's ``read_parquet`` / ``read_json`` (:func:`read_rows`).
+All of it runs before any image is fetched: a missing file or column or a duplicate id fails the run in
+seconds with nothing written. Rows are read by Ray Data's own readers (:func:`read_rows`).
 """
 
 from __future__ import annotations
@@ -153,8 +153,8 @@ def embedding_dim(cfg: EmbedJobConfig) -> int:
         except storage.StorageError as e:
             if e.reason != "missing":
                 raise
-            raise FileNotFoundError(f"model {name!r} has no config.json; point model.name at a save_pretrained "
-                                    "directory (local or on the object store)") from e
+            raise FileNotFoundError(f"model {name!r} has no config.json; point model.name at a "
+                                    "save_pretrained directory (local or on the object store)") from e
     else:
         from transformers import AutoConfig
 

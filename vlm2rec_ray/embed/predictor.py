@@ -1,13 +1,13 @@
-"""The model stage: :class:`EmbedPredictor`, a Ray Data actor holding one copy of the model. Rows to encode come
-back ``encoded`` with ``emb_text`` (titles through P_T), ``emb_image`` (images through P_V) and ``emb_fused``
-(their sum, paper 2.3; the interleaved prompt's embedding with ``model.fusion: internal``); pixels stay here.
+"""The model stage: :class:`EmbedPredictor`, a Ray Data actor holding one copy of the model. Rows come back
+``encoded`` with ``emb_text`` (titles through P_T), ``emb_image`` (images through P_V) and ``emb_fused``
+(their sum, paper 2.3; the interleaved prompt's with ``model.fusion: internal``); pixels stay in the actor.
 
-Identical inputs are encoded once: deduplicated by ``text_key`` / ``image_key`` within a batch, and kept across
-batches in an LRU cache per actor (``cache_mib``).
+Identical inputs are encoded once: deduplicated by ``text_key`` / ``image_key`` within a batch, and kept
+across batches in an LRU cache per actor (``cache_mib``).
 
-Determinism (CPU default): Ray Data does not fix batch composition, and with left padding a row's result depends
-on the pad length, so a batch's distinct prompts run as unpadded sub-batches of one exact shape (token count;
-resized image grid) in a fixed order: every row is bitwise equal to the row encoded alone
+Determinism (CPU default): Ray Data does not fix batch composition, and with left padding a row's result
+depends on the pad length, so a batch's distinct prompts run as unpadded sub-batches of one exact shape (token
+count; resized image grid) in a fixed order: every row is bitwise equal to the row encoded alone
 (tests/unit/embed/test_predictor.py). ``deterministic: false`` runs plain padded batches (GPU).
 """
 
@@ -30,8 +30,8 @@ from vlm2rec_ray.embed.schema import fixed_size_list, rows
 log = logging.getLogger(__name__)
 
 
-# Bytes an LRU entry costs besides its d floats (key string, OrderedDict slot, slot number: 204-224 B measured in
-# tests/unit/embed/test_predictor.py, plus headroom for the dict's resizing): cache_mib bounds the real footprint.
+# Bytes an LRU entry costs besides its d floats (key string, OrderedDict slot, slot number: 204-224 B measured
+# in tests/unit/embed/test_predictor.py, plus headroom for the dict's resizing), so cache_mib bounds it all.
 _ENTRY_OVERHEAD = 400
 
 
@@ -139,8 +139,8 @@ class BatchEncoder:
         return done, errors
 
     def _to_numpy(self, t: Any) -> np.ndarray:
-        # A copy: ``hidden[:, -1]`` is a view of the (B, T, d) hidden state (on CPU ``.numpy()`` shares memory),
-        # and a row kept from it would keep the whole batch's hidden state alive.
+        # A copy: ``hidden[:, -1]`` is a view of the (B, T, d) hidden state (on CPU ``.numpy()`` shares
+        # memory), and a row kept from it would keep the whole batch's hidden state alive.
         return np.array(t.detach().float().cpu().numpy(), dtype=np.float32, copy=True)
 
     def encode(self, titles: list[list[str]], images: list[list[Any]], text_keys: list[str], image_keys: list[str]
@@ -260,10 +260,10 @@ def load_encoder(cfg: Any, gpus: float = 0.0) -> Any:
     from vlm2rec_ray.model.encoder import VLM2RecEncoder
 
     m = cfg.model
+    sharded = gpus > 1 and torch.cuda.device_count() > 1
     backbone, processor = load_backbone(m.name, dtype=m.dtype, endpoint=cfg.storage.endpoint_url,
                                         attn_implementation=m.attn_implementation, min_pixels=m.min_pixels,
-                                        max_pixels=m.max_pixels,
-                                        device_map="auto" if gpus > 1 and torch.cuda.device_count() > 1 else None)
+                                        max_pixels=m.max_pixels, device_map="auto" if sharded else None)
     return VLM2RecEncoder(backbone, processor, max_history=m.max_history,
                           max_title_chars=getattr(cfg, "max_title_chars", None))
 

@@ -1,11 +1,11 @@
 """CPU stages of the embed pipeline (Ray Data function UDFs over ``pyarrow.Table`` batches).
 
-:func:`prepare_items` / :func:`prepare_sequences` validate rows, fetch image bytes concurrently (``fetch_threads``
-per task; each distinct URI once per batch, only under the run's allowed roots), hash them, decode and resize
-each distinct image once, and emit one row of the row contract (:mod:`vlm2rec_ray.embed.schema`) per input row:
-``encode`` (titles, pixels, cache keys, ``content_hash``) or ``failed`` with its reason; nothing is dropped. In
-``scan`` mode (pass 1 of an incremental run) they fetch and hash but do not decode, and classify each row
-against the previous snapshot. Items are one-item histories: items and sequences share one code path.
+:func:`prepare_items` / :func:`prepare_sequences` validate rows, fetch image bytes concurrently
+(``fetch_threads`` per task; each distinct URI once per batch, only under the run's allowed roots), hash them,
+decode and resize each distinct image once, and emit one row of the contract (:mod:`.schema`) per input row:
+``encode`` (titles, pixels, cache keys, ``content_hash``) or ``failed`` with its reason. In ``scan`` mode
+(pass 1 of an incremental run) they fetch and hash, no decode, and classify rows against the last snapshot.
+Items are one-item histories: items and sequences share one code path.
 """
 
 from __future__ import annotations

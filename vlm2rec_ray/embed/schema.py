@@ -160,8 +160,8 @@ def rows(dim: int, num_rows: int, **columns: object) -> pa.Table:
 
 def _as_schema(batch: pa.Table, schema: pa.Schema, **columns: pa.Array | pa.ChunkedArray) -> pa.Table:
     """``schema``'s columns: ``columns`` by name, the rest from ``batch``."""
-    return pa.Table.from_arrays([columns[f.name] if f.name in columns else batch.column(f.name) for f in schema],
-                                schema=schema)
+    arrays = [columns[f.name] if f.name in columns else batch.column(f.name) for f in schema]
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def output_table(batch: pa.Table, *, kind: str, dim: int, model_id: str, model_version: str) -> pa.Table:

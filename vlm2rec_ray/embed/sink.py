@@ -1,9 +1,9 @@
 """The Ray Data sink of the embed job: rows of the row contract routed by status into Parquet files, counted.
 
-Each write task streams each :class:`Route`'s rows (a snapshot's data and errors tables; the incremental scan's
-staging) into ``<route.uri>/part-<task>.parquet`` and returns its files and counts, which
-:meth:`RowSink.on_write_complete` adds up on the driver. A retried task overwrites its own file (named by the task
-index); a file is spooled locally and copied to its store when complete, so it appears only whole.
+Each write task streams each :class:`Route`'s rows (a snapshot's data and errors tables; the incremental
+scan's staging) into ``<route.uri>/part-<task>.parquet`` and returns its files and counts, which
+:meth:`RowSink.on_write_complete` adds up on the driver. A retried task overwrites its own file (named by the
+task index); a file is spooled locally and copied to its store when complete, so it appears only whole.
 """
 
 from __future__ import annotations
@@ -149,10 +149,11 @@ class RowSink(Datasink):
         timeline = EncodeTimeline()
         for r in results:
             timeline.merge(r["timeline"])
+        files = {k: sorted((f for r in results for f in r["files"][k]), key=lambda f: f["uri"])
+                 for k in self.routes}
         self.result = {"counts": dict(sum((Counter(r["counts"]) for r in results), Counter())),
                        "reasons": dict(sum((Counter(r["reasons"]) for r in results), Counter())),
-                       "timeline": timeline, "files": {k: sorted((f for r in results for f in r["files"][k]),
-                                                                 key=lambda f: f["uri"]) for k in self.routes}}
+                       "timeline": timeline, "files": files}
 
 
 class EncodeTimeline:

@@ -8,11 +8,11 @@ Layout under ``<output_uri>/<kind>/`` (``kind`` is ``items`` or ``sequences``), 
     dt=2026-11-22/run=<run_id>/_staging/...            scratch of an incremental run (deleted at the end)
     dt=2026-11-22/run=<run_id>/_status.json            only for a run that failed (why; not a snapshot)
 
-A run (:class:`SnapshotRun`) writes under its own ``run=<run_id>/`` and then replaces ``_manifest.json`` (atomic
-on every store): a reader sees the old snapshot or the new one, never a mix; a same-day re-run then deletes the
-run the old manifest named. pyarrow's dataset discovery skips ``_`` paths, so ``pq.read_table(<output_uri>/items)``
-sees data files only (mid-swap maybe two runs: :func:`read_embeddings` follows the manifest). Partitions without a
-manifest that hold Parquet files directly are read as plain snapshots (tables written by other tools).
+A run (:class:`SnapshotRun`) writes under its own ``run=<run_id>/`` and then replaces ``_manifest.json``
+(atomic on every store): a reader sees the old snapshot or the new one, never a mix; a same-day re-run then
+deletes the run the old manifest named. pyarrow skips ``_`` paths, so ``pq.read_table(<output_uri>/items)``
+sees data files only (mid-swap maybe two runs; :func:`read_embeddings` follows the manifest). Partitions
+without a manifest holding Parquet files are read as plain snapshots (tables written by other tools).
 """
 
 from __future__ import annotations
@@ -100,9 +100,9 @@ class SnapshotRun:
         return uri[len(part):]
 
     def publish(self, manifest: dict[str, Any]) -> dict[str, Any] | None:
-        """Drop the staging, make ``manifest`` the day's snapshot (written atomically, last), then delete the run it
-        replaced, runs marked failed and runs that started before this one and never finished (a killed driver);
-        returns the replaced manifest (or ``None``).
+        """Drop the staging, make ``manifest`` the day's snapshot (written atomically, last), then delete the
+        run it replaced, runs marked failed and runs that started before this one and never finished (a killed
+        driver); returns the replaced manifest (or ``None``).
 
         Raises:
             FileNotFoundError: a file the manifest names is gone (a newer run of the day published meanwhile).
@@ -227,7 +227,8 @@ def _read_files(snap: Snapshot, files: list[str], *, errors: bool, endpoint: str
         tables = [storage.read_parquet(f, endpoint=endpoint, columns=columns) for f in files]
         return pa.concat_tables(tables, promote_options="default")
     m = snap.manifest or {}  # a snapshot without a manifest is made of the files found, so has some
-    schema = errors_schema(m["kind"]) if errors else output_schema(m["kind"], int(m["schema"]["embedding_dim"]))
+    kind = m["kind"]
+    schema = errors_schema(kind) if errors else output_schema(kind, int(m["schema"]["embedding_dim"]))
     return pa.schema([schema.field(c) for c in columns or schema.names]).empty_table()
 
 

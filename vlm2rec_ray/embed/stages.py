@@ -50,12 +50,12 @@ def snapshot_sink(plan: RunPlan) -> RowSink:
 
 
 def write(ds: ray.data.Dataset, sink: Any, *, row_bytes: int, tasks: int = COALESCE_TASKS) -> None:
-    """Write ``ds`` through ``sink`` in blocks of at least :data:`MIN_WRITE_BLOCK_BYTES` (at most one write task's
-    rows). A write task starts once it has a file's worth of rows; until then blocks under Ray's 100 KB inline
-    limit would wait in the driver's memory, coalesced they wait in the object store (which spills). Not Ray
-    Data's ``repartition`` (2.60: one task per block, no combining, a whole CPU each, queued behind the model);
-    at most ``tasks`` coalescing tasks at the write tasks' CPU share, a bounded pool Ray Data does not fuse into
-    the write (tests/integration/test_embed_write.py checks both).
+    """Write ``ds`` through ``sink`` in blocks of at least :data:`MIN_WRITE_BLOCK_BYTES` (at most one write
+    task's rows). A write task starts once it has a file's worth of rows; until then blocks under Ray's 100 KB
+    inline limit would wait in the driver's memory, coalesced they wait in the object store (which spills).
+    Not Ray Data's ``repartition`` (2.60: one task per block, no combining, a whole CPU each, queued behind
+    the model); at most ``tasks`` coalescing tasks at the write tasks' CPU share, a bounded pool Ray Data does
+    not fuse into the write (tests/integration/test_embed_write.py checks both).
     """
     rows = max(1, MIN_WRITE_BLOCK_BYTES // max(1, row_bytes))
     if sink.min_rows_per_write:  # never hold rows back for more than one write task's worth (a small rows_per_file)

@@ -1,12 +1,11 @@
 """Object storage: one small API over local paths and object stores, a backend per URI scheme.
 
 Everything in the project that reads or writes files goes through here, so a job is store- and endpoint-
-agnostic: :func:`~vlm2rec_ray.storage.base.backend` picks the backend of a URI's scheme (``base.BACKENDS``:
-local paths and ``s3://``), and the functions below are written once over the backends' primitives.
-``endpoint`` is the store's endpoint override (S3: ``storage.endpoint_url`` of the config, else
-``AWS_ENDPOINT_URL``); credentials come from the SDKs' standard chains and are never logged. Big files go
-through :func:`put_file` (S3: boto3's ``upload_file``), tables through the store's pyarrow filesystem
-(:func:`pyarrow_filesystem`, also what Ray Data reads with). S3 retries are counted (:mod:`.retries`).
+agnostic: :func:`~vlm2rec_ray.storage.base.backend` picks the backend of a URI's scheme (``base.BACKENDS``),
+and the functions below are written once over the backends' primitives. ``endpoint`` is the store's endpoint
+override (S3: ``storage.endpoint_url`` of the config, else ``AWS_ENDPOINT_URL``); credentials come from the
+SDKs' standard chains and are never logged. Tables go through the store's pyarrow filesystem
+(:func:`pyarrow_filesystem`, also what Ray Data reads with).
 """
 
 from __future__ import annotations
@@ -47,7 +46,7 @@ def write_text(uri: str, text: str, *, endpoint: str | None = None) -> None:
 
 
 def open_read(uri: str, *, endpoint: str | None = None) -> contextlib.AbstractContextManager[BinaryIO]:
-    """``with open_read(uri) as f``: stream an object or file (inputs too large to hold in memory, e.g. dumps)."""
+    """``with open_read(uri) as f``: stream an object or file (inputs too large to hold in memory)."""
     return backend(uri, endpoint).open(uri)
 
 

@@ -144,7 +144,7 @@ class Backend:
             fs.delete_file(path)
 
     def delete_prefix(self, prefix: str) -> int:
-        """Delete everything under ``prefix`` (nothing there is fine); returns how many objects were removed."""
+        """Delete everything under ``prefix`` (nothing there is fine); returns how many objects it removed."""
         import pyarrow.fs as pafs
 
         n, (fs, path) = len(self.list(prefix)), self.filesystem(prefix)

@@ -59,7 +59,7 @@ class LocalBackend(Backend):
 
     @staticmethod
     def _replace(uri: str, fill: Callable[[Path], object], what: str | None = None) -> None:
-        """``fill`` a temporary file beside the target (same directory, so ``os.replace`` is atomic), then rename
+        """``fill`` a temporary file beside the target (same directory: ``os.replace`` is atomic), then rename
         it into place; errors name ``what`` (default ``uri``)."""
         dest = resolve_local(uri)
         dest.parent.mkdir(parents=True, exist_ok=True)

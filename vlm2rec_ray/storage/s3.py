@@ -1,10 +1,10 @@
 """S3 and S3-compatible stores (MinIO, moto, Ceph) through boto3, and pyarrow's S3 filesystem for table reads.
 
-The endpoint comes from the config (``storage.endpoint_url``) or ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``,
-credentials from boto3's and pyarrow's standard chains (environment, profile, instance role). Clients use
-adaptive retries and bounded timeouts; every retry they make is counted (:mod:`vlm2rec_ray.storage.retries`).
-Uploads are ``upload_file`` with a ``TransferConfig``: one PUT up to 16 MiB, else a multipart upload of 16 MiB
-parts, 4 in flight, aborted on failure (s3transfer), so an object appears only whole.
+The endpoint comes from the config (``storage.endpoint_url``) or ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``,
+credentials from the SDKs' standard chains (environment, profile, instance role). boto3 clients use adaptive
+retries and bounded timeouts, their retries counted (:mod:`.retries`). Uploads are ``upload_file`` with a
+``TransferConfig``: one PUT up to 16 MiB, else a multipart upload of 16 MiB parts, 4 in flight, aborted on
+failure (s3transfer), so an object appears only whole.
 """
 
 from __future__ import annotations
@@ -84,8 +84,8 @@ def _errors(uri: str) -> Iterator[None]:
         if code in _MISSING or any(f"({c})" in text for c in _MISSING):
             raise StorageError(f"object not found: {uri} ({code or 'NoSuchKey'})", reason="missing") from e
         if code in _DENIED or any(f"({c})" in text for c in _DENIED):
-            raise StorageError(f"access denied to {uri} ({code or 'AccessDenied'}); check the credentials for "
-                               "this bucket", "denied") from e
+            raise StorageError(f"access denied to {uri} ({code or 'AccessDenied'}); check the credentials "
+                               "for this bucket", "denied") from e
         raise StorageError(f"S3 request for {uri} failed: {type(e).__name__}: {e}", reason="io_error") from e
 
 
