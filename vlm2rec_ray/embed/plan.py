@@ -5,6 +5,7 @@ plain values (``opts``: no config object travels to the tasks).
 
 from __future__ import annotations
 
+import datetime as _dt
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -51,10 +52,6 @@ class RunPlan:
     @property
     def endpoint(self) -> str | None:
         return self.run.endpoint
-
-    @property
-    def row_bytes(self) -> int:
-        return row_bytes(self.dim)
 
     def opts(self, mode: str, **extra: Any) -> dict[str, Any]:
         """Options of the CPU stage (plain values + object refs)."""
@@ -111,7 +108,7 @@ def plan_run(cfg: EmbedJobConfig, kind: str) -> RunPlan:
         connect_ray()  # the default needs the cluster's resources
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     root = snapshot.kind_uri(cfg.output_uri, kind)
-    dt = cfg.dt or snapshot.today_utc()
+    dt = cfg.dt or _dt.datetime.now(_dt.timezone.utc).date().isoformat()
     return RunPlan(
         cfg=cfg, kind=kind, run=snapshot.SnapshotRun(root, dt, snapshot.new_run_id(), endpoint), dim=dim,
         fingerprint=incremental.encoder_fingerprint(cfg, kind), source_uri=source, fmt=fmt, files=files,

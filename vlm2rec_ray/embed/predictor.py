@@ -1,16 +1,14 @@
-"""The model stage: :class:`EmbedPredictor`, a Ray Data actor that holds one copy of the model.
+"""The model stage: :class:`EmbedPredictor`, a Ray Data actor holding one copy of the model. Rows come back
+``encoded`` with ``emb_text`` (titles through P_T), ``emb_image`` (images through P_V) and ``emb_fused``
+(their sum, paper 2.3; the interleaved prompt's with ``model.fusion: internal``); pixels stay in the actor.
 
-Per batch of rows to encode (status ``encode``) it returns them ``encoded``: ``emb_text`` (the titles through
-P_T), ``emb_image`` (the images through P_V) and ``emb_fused`` (their sum, external fusion, paper 2.2-2.3; the
-interleaved prompt's embedding with ``model.fusion: internal``); the pixels never leave the actor.
-
-Identical inputs are encoded once: rows are deduplicated by ``text_key`` / ``image_key`` within a batch, and
-an LRU cache per actor (``cache_mib``) keeps embeddings across batches (N actors: at most N times per input).
+Identical inputs are encoded once: deduplicated by ``text_key`` / ``image_key`` within a batch, and kept
+across batches in an LRU cache per actor (``cache_mib``).
 
 Determinism (CPU default): Ray Data does not fix batch composition, and with left padding a row's result
-depends on the pad length. So the distinct prompts of a batch are grouped by exact shape (token count; the
-resized image grid) and run as unpadded sub-batches in a fixed order: every row is bitwise equal to the row
-encoded alone (tests/unit/embed/test_predictor.py). ``deterministic: false`` runs plain padded batches (GPU).
+depends on the pad length, so a batch's distinct prompts run as unpadded sub-batches of one exact shape (token
+count; resized image grid) in a fixed order: every row is bitwise equal to the row encoded alone
+(tests/unit/embed/test_predictor.py). ``deterministic: false`` runs plain padded batches (GPU).
 """
 
 from __future__ import annotations
@@ -32,16 +30,14 @@ from vlm2rec_ray.embed.schema import fixed_size_list, rows
 log = logging.getLogger(__name__)
 
 
-# Bytes an LRU entry costs besides its d floats (the 64-character key string, its OrderedDict slot and slot
-# number: 204-224 B measured with tracemalloc in tests/unit/embed/test_predictor.py; the rest is headroom for
-# the dict's resizing), so that cache_mib bounds the real footprint for small d too.
+# Bytes an LRU entry costs besides its d floats (key string, OrderedDict slot, slot number: 204-224 B measured
+# in tests/unit/embed/test_predictor.py, plus headroom for the dict's resizing), so cache_mib bounds it all.
 _ENTRY_OVERHEAD = 400
 
 
 class _LRU:
     """An LRU map from content key to a ``d``-float32 vector, the vectors in one ``[capacity, d]`` slab allocated
-    once, so they never interleave with the batches' allocations on the heap (a numpy array per vector made the
-    actor's private memory grow ~5 KB per cached item, 10x the entries' own size)."""
+    once (an array per vector interleaved with the batches' allocations: ~5 KB of private memory per item)."""
 
     def __init__(self, capacity: int, dim: int) -> None:
         self.capacity = max(0, int(capacity))
@@ -143,9 +139,8 @@ class BatchEncoder:
         return done, errors
 
     def _to_numpy(self, t: Any) -> np.ndarray:
-        # A copy: ``hidden[:, -1]`` is a view of the whole (B, T, d) hidden state, and on CPU ``.numpy()`` shares
-        # its memory, so anything kept from it would keep the batch's hidden state alive (before the cache had
-        # its slab, cached rows did: the actor grew by ~30 KB per item with the tiny model).
+        # A copy: ``hidden[:, -1]`` is a view of the (B, T, d) hidden state (on CPU ``.numpy()`` shares
+        # memory), and a row kept from it would keep the whole batch's hidden state alive.
         return np.array(t.detach().float().cpu().numpy(), dtype=np.float32, copy=True)
 
     def encode(self, titles: list[list[str]], images: list[list[Any]], text_keys: list[str], image_keys: list[str]
@@ -265,30 +260,12 @@ def load_encoder(cfg: Any, gpus: float = 0.0) -> Any:
     from vlm2rec_ray.model.encoder import VLM2RecEncoder
 
     m = cfg.model
-    if gpus > 1 and torch.cuda.device_count() > 1:
-        backbone, processor = _load_sharded(cfg)
-    else:
-        backbone, processor = load_backbone(m.name, dtype=m.dtype, endpoint=cfg.storage.endpoint_url,
-                                            attn_implementation=m.attn_implementation, min_pixels=m.min_pixels,
-                                            max_pixels=m.max_pixels)
-    backbone.eval()
+    sharded = gpus > 1 and torch.cuda.device_count() > 1
+    backbone, processor = load_backbone(m.name, dtype=m.dtype, endpoint=cfg.storage.endpoint_url,
+                                        attn_implementation=m.attn_implementation, min_pixels=m.min_pixels,
+                                        max_pixels=m.max_pixels, device_map="auto" if sharded else None)
     return VLM2RecEncoder(backbone, processor, max_history=m.max_history,
                           max_title_chars=getattr(cfg, "max_title_chars", None))
-
-
-def _load_sharded(cfg: Any) -> tuple[Any, Any]:  # pragma: no cover - needs several GPUs
-    import transformers
-
-    from vlm2rec_ray.model import backbone as bb
-
-    m = cfg.model
-    model_dir = bb.resolve_model_dir(m.name, endpoint=cfg.storage.endpoint_url)
-    family = bb._family(model_dir, m.name)
-    _, dtype = bb.pick_device_and_dtype("cuda", m.dtype)
-    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "device_map": "auto",
-                              **({"attn_implementation": m.attn_implementation} if m.attn_implementation else {})}
-    return (getattr(transformers, family.model_cls).from_pretrained(model_dir, **kwargs),
-            bb.load_processor(model_dir, min_pixels=m.min_pixels, max_pixels=m.max_pixels))
 
 
 class EmbedPredictor:

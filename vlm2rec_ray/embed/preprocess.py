@@ -1,21 +1,17 @@
 """CPU stages of the embed pipeline (Ray Data function UDFs over ``pyarrow.Table`` batches).
 
-- :func:`conform_batch` casts raw catalog/split blocks to their schemas (a bad file fails the job loudly).
-- :func:`prepare_items` / :func:`prepare_sequences` validate rows, fetch image bytes concurrently
-  (``fetch_threads`` per task; each distinct URI once per batch, only under the run's allowed roots), hash them,
-  decode and resize each distinct image once, and emit one row per input row (the row contract of
-  :mod:`vlm2rec_ray.embed.schema`): status ``encode`` with titles, pixels, cache keys and ``content_hash``, or
-  ``failed`` with its reason. Nothing is dropped.
-- In ``scan`` mode (pass 1 of an incremental run) they fetch and hash but do not decode, and classify each
-  row ``new`` / ``changed`` / ``unchanged`` against the previous snapshot's :class:`KeyIndex`.
-- :func:`carry_filter` turns the previous snapshot's rows that are unchanged into ``carried`` rows.
-
-Items are handled as one-item histories, so items and sequences share one code path down to the model.
+:func:`prepare_items` / :func:`prepare_sequences` validate rows, fetch image bytes concurrently
+(``fetch_threads`` per task; each distinct URI once per batch, only under the run's allowed roots), hash them,
+decode and resize each distinct image once, and emit one row of the contract (:mod:`.schema`) per input row:
+``encode`` (titles, pixels, cache keys, ``content_hash``) or ``failed`` with its reason. In ``scan`` mode
+(pass 1 of an incremental run) they fetch and hash, no decode, and classify rows against the last snapshot.
+Items are one-item histories: items and sequences share one code path.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -51,17 +47,16 @@ def _blank(v: str | None) -> bool:
     return v is None or not v.strip()
 
 
+@dataclass(slots=True)
 class _Row:
     """One input row on its way to the model: its items or why it failed (and on which item)."""
 
-    __slots__ = ("detail", "failed_item", "history", "items", "key", "reason")
-
-    def __init__(self, key: str | None, history: list[str] | None) -> None:
-        self.key, self.history = key, history
-        self.items: list[Item] = []
-        self.reason: str | None = None
-        self.detail: str | None = None
-        self.failed_item: Item = (None, None, None)
+    key: str | None
+    history: list[str] | None
+    items: list[Item] = field(default_factory=list)
+    reason: str | None = None
+    detail: str | None = None
+    failed_item: Item = (None, None, None)
 
     def fail(self, reason: str, detail: str, item: Item = (None, None, None)) -> None:
         if self.reason is None:

@@ -44,7 +44,11 @@ def embedding_type(dim: int) -> pa.DataType:
     return pa.list_(pa.field("element", pa.float32(), nullable=False), dim)
 
 
-HISTORY_TYPE = pa.list_(pa.field("element", pa.string()))
+def _list(t: pa.DataType) -> pa.DataType:
+    return pa.list_(pa.field("element", t))  # named as Parquet names it: staged rows read back unchanged
+
+
+HISTORY_TYPE = _list(pa.string())
 
 
 def _tail(dim: int) -> list[pa.Field]:
@@ -64,10 +68,14 @@ def sequence_schema(dim: int) -> pa.Schema:
                       pa.field("history", HISTORY_TYPE, nullable=False), *_tail(dim)])
 
 
-def output_schema(kind: str, dim: int) -> pa.Schema:
+def _checked(kind: str) -> str:
     if kind not in KINDS:
         raise ValueError(f"unknown embedding kind {kind!r}; expected one of {KINDS}")
-    return item_schema(dim) if kind == "items" else sequence_schema(dim)
+    return kind
+
+
+def output_schema(kind: str, dim: int) -> pa.Schema:
+    return item_schema(dim) if _checked(kind) == "items" else sequence_schema(dim)
 
 
 _ERRORS_TAIL = [pa.field("title", pa.string()), pa.field("image_uri", pa.string()),
@@ -81,9 +89,7 @@ SEQUENCE_ERRORS_SCHEMA = pa.schema([pa.field("user_id", pa.string()), pa.field("
 
 
 def errors_schema(kind: str) -> pa.Schema:
-    if kind not in KINDS:
-        raise ValueError(f"unknown embedding kind {kind!r}; expected one of {KINDS}")
-    return ITEM_ERRORS_SCHEMA if kind == "items" else SEQUENCE_ERRORS_SCHEMA
+    return ITEM_ERRORS_SCHEMA if _checked(kind) == "items" else SEQUENCE_ERRORS_SCHEMA
 
 
 def schema_to_json(schema: pa.Schema) -> list[dict[str, object]]:
@@ -110,12 +116,6 @@ def fixed_size_list(matrix: object, dim: int) -> pa.FixedSizeListArray:
 #   change  the scan's verdict carried into pass 2 ("new" | "changed"; "unchanged" for carried rows; "" else)
 #   title, image_uri   items: the item's (the scan keeps them for pass 2); failed rows: the failing item's
 OK_STATUSES = ("encoded", "carried")
-
-
-def _list(t: pa.DataType) -> pa.DataType:
-    return pa.list_(pa.field("element", t))  # named as Parquet names it: staged rows read back unchanged
-
-
 
 _ROW_COLUMNS: tuple[tuple[str, pa.DataType | None], ...] = (
     ("key", pa.string()), ("history", HISTORY_TYPE),
@@ -158,28 +158,29 @@ def rows(dim: int, num_rows: int, **columns: object) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+def _as_schema(batch: pa.Table, schema: pa.Schema, **columns: pa.Array | pa.ChunkedArray) -> pa.Table:
+    """``schema``'s columns: ``columns`` by name, the rest from ``batch``."""
+    arrays = [columns[f.name] if f.name in columns else batch.column(f.name) for f in schema]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
 def output_table(batch: pa.Table, *, kind: str, dim: int, model_id: str, model_version: str) -> pa.Table:
     """Rows with an embedding (status ``encoded`` / ``carried``) as the exact output schema."""
     if batch.column("emb_fused").null_count or batch.column("content_hash").null_count:
         raise AssertionError("an ok row has no embedding or content hash")
     n = batch.num_rows
-    cols = {KEY_COLUMN[kind]: batch.column("key"), "model_id": pa.array([model_id] * n, pa.string()),
-            "model_version": pa.array([model_version] * n, pa.string())}
-    schema = output_schema(kind, dim)
-    return pa.Table.from_arrays([cols[f.name] if f.name in cols else batch.column(f.name) for f in schema],
-                                schema=schema)
+    return _as_schema(batch, output_schema(kind, dim), **{KEY_COLUMN[kind]: batch.column("key")},
+                      model_id=pa.array([model_id] * n, pa.string()),
+                      model_version=pa.array([model_version] * n, pa.string()))
 
 
 def errors_table(batch: pa.Table, *, kind: str, model_version: str, failed_at: object) -> pa.Table:
     """Failed rows as the errors table (sequences: ``item_id`` is the history item that failed)."""
     n = batch.num_rows
-    cols = {KEY_COLUMN[kind]: batch.column("key"), "model_version": pa.array([model_version] * n, pa.string()),
-            "failed_at": pa.array([failed_at] * n, EMBEDDED_AT_TYPE)}
-    if kind == "sequences":
-        cols["item_id"] = batch.column("failed_item_id")
-    schema = errors_schema(kind)
-    return pa.Table.from_arrays([cols[f.name] if f.name in cols else batch.column(f.name) for f in schema],
-                                schema=schema)
+    extra = {"item_id": batch.column("failed_item_id")} if kind == "sequences" else {}
+    return _as_schema(batch, errors_schema(kind), **{KEY_COLUMN[kind]: batch.column("key")}, **extra,
+                      model_version=pa.array([model_version] * n, pa.string()),
+                      failed_at=pa.array([failed_at] * n, EMBEDDED_AT_TYPE))
 
 
 __all__ = ["EMBEDDED_AT_TYPE", "EMBEDDING_COLUMNS", "ERROR_REASONS", "HISTORY_TYPE", "ITEM_COLUMNS", "ITEM_ERRORS_SCHEMA",

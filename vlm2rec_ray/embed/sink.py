@@ -1,10 +1,9 @@
 """The Ray Data sink of the embed job: rows of the row contract routed by status into Parquet files, counted.
 
-Each write task streams each :class:`Route`'s rows into ``<route.uri>/part-<task>.parquet`` (a snapshot: the
-``encoded``/``carried`` rows as the output schema, the ``failed`` rows into ``_errors/``; the incremental scan:
-the rows pass 2 reads) and returns its files and counts, which :meth:`RowSink.on_write_complete` adds up on the
-driver. A file name derives from the task index, so a retried task overwrites its own file; a file is spooled
-locally and copied to its store when complete, so it appears only whole.
+Each write task streams each :class:`Route`'s rows (a snapshot's data and errors tables; the incremental
+scan's staging) into ``<route.uri>/part-<task>.parquet`` and returns its files and counts, which
+:meth:`RowSink.on_write_complete` adds up on the driver. A retried task overwrites its own file (named by the
+task index); a file is spooled locally and copied to its store when complete, so it appears only whole.
 """
 
 from __future__ import annotations
@@ -146,19 +145,15 @@ class RowSink(Datasink):
         return {"files": files, "counts": dict(counts), "reasons": dict(reasons), "timeline": timeline}
 
     def on_write_complete(self, write_result: WriteResult) -> None:
-        counts: Counter[str] = Counter()
-        reasons: Counter[str] = Counter()
-        files: dict[str, list[dict[str, Any]]] = {k: [] for k in self.routes}
+        results = [r for r in write_result.write_returns if r]
         timeline = EncodeTimeline()
-        for r in write_result.write_returns:
-            if r:
-                counts.update(r["counts"])
-                reasons.update(r["reasons"])
-                timeline.merge(r["timeline"])
-                for k, fs in r["files"].items():
-                    files[k] += fs
-        self.result = {"counts": dict(counts), "reasons": dict(reasons), "timeline": timeline,
-                       "files": {k: sorted(fs, key=lambda f: f["uri"]) for k, fs in files.items()}}
+        for r in results:
+            timeline.merge(r["timeline"])
+        files = {k: sorted((f for r in results for f in r["files"][k]), key=lambda f: f["uri"])
+                 for k in self.routes}
+        self.result = {"counts": dict(sum((Counter(r["counts"]) for r in results), Counter())),
+                       "reasons": dict(sum((Counter(r["reasons"]) for r in results), Counter())),
+                       "timeline": timeline, "files": files}
 
 
 class EncodeTimeline:
@@ -166,31 +161,29 @@ class EncodeTimeline:
     run (the actor stamps a batch when it finishes it; carried rows keep older stamps and are left out):
     the first and last stamp and how many rows bear the first. Merges across write tasks in O(1)."""
 
-    def __init__(self) -> None:
-        self.first_us: int | None = None  # microseconds since the epoch (UTC)
-        self.last_us: int | None = None
-        self.rows = 0  # encoded rows seen
-        self.rows_at_first = 0  # of which stamped with first_us (the first batch)
+    def __init__(self, first_us: int | None = None, last_us: int | None = None, rows: int = 0,
+                 rows_at_first: int = 0) -> None:
+        self.first_us, self.last_us = first_us, last_us  # microseconds since the epoch (UTC)
+        self.rows, self.rows_at_first = rows, rows_at_first  # encoded rows seen; of which stamped first_us
 
     def add(self, rows: pa.Table) -> None:
         """Take the ``status == "encoded"`` rows of a block of rows."""
         enc = rows.filter(pc.equal(rows.column("status"), "encoded"))
         if enc.num_rows:
             us = pc.cast(enc.column("embedded_at"), pa.int64())
-            lo, hi = int(pc.min(us).as_py()), int(pc.max(us).as_py())
-            self._merge(lo, hi, enc.num_rows, int(pc.sum(pc.cast(pc.equal(us, lo), pa.int64())).as_py()))
+            lo = int(pc.min(us).as_py())
+            self.merge(EncodeTimeline(lo, int(pc.max(us).as_py()), enc.num_rows,
+                                      int(pc.sum(pc.cast(pc.equal(us, lo), pa.int64())).as_py())))
 
     def merge(self, other: EncodeTimeline) -> None:
-        if other.first_us is not None and other.last_us is not None:
-            self._merge(other.first_us, other.last_us, other.rows, other.rows_at_first)
-
-    def _merge(self, first: int, last: int, rows: int, at_first: int) -> None:
-        if self.first_us is None or first < self.first_us:
-            self.first_us, self.rows_at_first = first, at_first
-        elif first == self.first_us:
-            self.rows_at_first += at_first
-        self.last_us = last if self.last_us is None else max(self.last_us, last)
-        self.rows += rows
+        if other.first_us is None or other.last_us is None:
+            return
+        if self.first_us is None or other.first_us < self.first_us:
+            self.first_us, self.rows_at_first = other.first_us, other.rows_at_first
+        elif other.first_us == self.first_us:
+            self.rows_at_first += other.rows_at_first
+        self.last_us = other.last_us if self.last_us is None else max(self.last_us, other.last_us)
+        self.rows += other.rows
 
     def steady_rows_per_s(self) -> float | None:
         """Encoded rows after the first batch / time from the first batch to the last (None: one batch)."""

@@ -8,12 +8,11 @@ Layout under ``<output_uri>/<kind>/`` (``kind`` is ``items`` or ``sequences``), 
     dt=2026-11-22/run=<run_id>/_staging/...            scratch of an incremental run (deleted at the end)
     dt=2026-11-22/run=<run_id>/_status.json            only for a run that failed (why; not a snapshot)
 
-A run (:class:`SnapshotRun`) writes under its own ``run=<run_id>/`` and only then replaces ``_manifest.json``
-(atomic on every store), so a reader sees the old snapshot or the new one, never a mix or a half-written run; a
-same-day re-run then deletes the run the old manifest named. ``_``-prefixed paths are skipped by pyarrow's
-dataset discovery, so ``pq.read_table(<output_uri>/items)`` sees data files only (mid-swap maybe two runs: follow
-the manifest, :func:`read_embeddings`, to be exact). Partitions without a manifest that hold Parquet files
-directly are read as plain snapshots (tables written by other tools).
+A run (:class:`SnapshotRun`) writes under its own ``run=<run_id>/`` and then replaces ``_manifest.json``
+(atomic on every store): a reader sees the old snapshot or the new one, never a mix; a same-day re-run then
+deletes the run the old manifest named. pyarrow skips ``_`` paths, so ``pq.read_table(<output_uri>/items)``
+sees data files only (mid-swap maybe two runs; :func:`read_embeddings` follows the manifest). Partitions
+without a manifest holding Parquet files are read as plain snapshots (tables written by other tools).
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ MANIFEST_FORMAT = "vlm2rec-embeddings/1"
 
 __all__ = ["MANIFEST_FILE", "MANIFEST_FORMAT", "Snapshot", "SnapshotRun", "kind_uri", "latest_manifest", "list_snapshots",
            "manifest_uri", "new_run_id", "partition_uri", "read_embeddings", "read_errors", "read_manifest",
-           "snapshot_files", "today_utc"]
+           "snapshot_files"]
 
 
 def kind_uri(output_uri: str, kind: str) -> str:
@@ -55,10 +54,6 @@ def new_run_id(now: _dt.datetime | None = None) -> str:
     """Sortable and unique: ``20261122T101500123Z-1a2b3c4d``."""
     now = now or _dt.datetime.now(_dt.timezone.utc)
     return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z-{uuid.uuid4().hex[:8]}"
-
-
-def today_utc() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).date().isoformat()
 
 
 def read_manifest(root: str, dt: str, *, endpoint: str | None = None) -> dict[str, Any] | None:
@@ -105,9 +100,9 @@ class SnapshotRun:
         return uri[len(part):]
 
     def publish(self, manifest: dict[str, Any]) -> dict[str, Any] | None:
-        """Drop the staging, make ``manifest`` the day's snapshot (written atomically, last), then delete the run it
-        replaced, runs marked failed and runs that started before this one and never finished (a killed driver).
-        Returns the replaced manifest (or ``None``).
+        """Drop the staging, make ``manifest`` the day's snapshot (written atomically, last), then delete the
+        run it replaced, runs marked failed and runs that started before this one and never finished (a killed
+        driver); returns the replaced manifest (or ``None``).
 
         Raises:
             FileNotFoundError: a file the manifest names is gone (a newer run of the day published meanwhile).
@@ -191,8 +186,6 @@ def list_snapshots(uri: str, *, endpoint: str | None = None) -> tuple[dict[str, 
 
 def latest_manifest(root: str, *, on_or_before: str | None = None, endpoint: str | None = None) -> dict[str, Any] | None:
     """The newest published manifest with ``dt <= on_or_before`` (all when ``None``), or ``None``."""
-    if not storage.exists(root, endpoint=endpoint):
-        return None
     snaps, _ = list_snapshots(root, endpoint=endpoint)
     dts = sorted(d for d, s in snaps.items() if s.manifest is not None and (on_or_before is None or d <= on_or_before))
     if not dts:
@@ -209,8 +202,7 @@ def snapshot_files(uri: str, dt: str | None = None, *, endpoint: str | None = No
         FileNotFoundError: nothing there, or no such ``dt`` (the message lists what is available).
     """
     try:
-        found = storage.exists(uri, endpoint=endpoint)
-        snaps, incomplete = list_snapshots(uri, endpoint=endpoint) if found else ({}, [])
+        snaps, incomplete = list_snapshots(uri, endpoint=endpoint)
     except storage.StorageError as e:
         raise FileNotFoundError(f"no embeddings at {uri}: {e}; run `vlm2rec embed` first or fix the URI") from e
     if not snaps:
@@ -224,11 +216,20 @@ def snapshot_files(uri: str, dt: str | None = None, *, endpoint: str | None = No
     return snaps[dt]
 
 
-def _read_files(files: list[str], *, endpoint: str | None, columns: list[str] | None) -> pa.Table:
+def _read_files(snap: Snapshot, files: list[str], *, errors: bool, endpoint: str | None,
+                columns: list[str] | None = None) -> pa.Table:
+    """``files`` as one table; none (a run that wrote no such rows): the manifest's schema, empty."""
     import pyarrow as pa
 
-    tables = [storage.read_parquet(f, endpoint=endpoint, columns=columns) for f in files]
-    return pa.concat_tables(tables, promote_options="default")
+    from vlm2rec_ray.embed.schema import errors_schema, output_schema
+
+    if files:
+        tables = [storage.read_parquet(f, endpoint=endpoint, columns=columns) for f in files]
+        return pa.concat_tables(tables, promote_options="default")
+    m = snap.manifest or {}  # a snapshot without a manifest is made of the files found, so has some
+    kind = m["kind"]
+    schema = errors_schema(kind) if errors else output_schema(kind, int(m["schema"]["embedding_dim"]))
+    return pa.schema([schema.field(c) for c in columns or schema.names]).empty_table()
 
 
 def read_embeddings(uri: str, dt: str | None = None, *, endpoint: str | None = None,
@@ -245,16 +246,7 @@ def read_embeddings(uri: str, dt: str | None = None, *, endpoint: str | None = N
 
         return iceberg.read_embeddings(uri, dt, catalog=catalog, columns=columns)
     snap = snapshot_files(uri, dt, endpoint=endpoint)
-    if snap.files:
-        return _read_files(snap.files, endpoint=endpoint, columns=columns)
-    if snap.manifest is None:
-        raise FileNotFoundError(f"snapshot dt={snap.dt} under {uri} lists no files")
-    import pyarrow as pa
-
-    from vlm2rec_ray.embed.schema import output_schema
-
-    schema = output_schema(snap.manifest["kind"], int(snap.manifest["schema"]["embedding_dim"]))
-    return pa.schema([schema.field(c) for c in columns or schema.names]).empty_table()
+    return _read_files(snap, snap.files, errors=False, endpoint=endpoint, columns=columns)
 
 
 def read_errors(uri: str, dt: str | None = None, *, endpoint: str | None = None) -> pa.Table:
@@ -262,8 +254,4 @@ def read_errors(uri: str, dt: str | None = None, *, endpoint: str | None = None)
     snap = snapshot_files(uri, dt, endpoint=endpoint)
     if snap.manifest is None:
         raise FileNotFoundError(f"snapshot dt={snap.dt} under {uri} has no manifest, hence no errors table")
-    if not snap.error_files:
-        from vlm2rec_ray.embed.schema import errors_schema
-
-        return errors_schema(snap.manifest["kind"]).empty_table()
-    return _read_files(snap.error_files, endpoint=endpoint, columns=None)
+    return _read_files(snap, snap.error_files, errors=True, endpoint=endpoint)

@@ -1,11 +1,9 @@
 """The Ray Data graph of an embed run: read -> prepare (CPU tasks) -> model (actors) -> coalesce -> sink.
 
-An incremental run's pass 1 *scans* every row (fetch + hash, no decode, no model) and stages it by what pass 2
-does with it (``encode`` = new + changed, ``failed``, ``unchanged``). Pass 2 streams three branches into the
-snapshot sink: new and changed rows through the model, failed rows straight to the errors table, and the
-previous snapshot's unchanged rows (filtered in CPU tasks against an index in the object store). Deleted items
-are not carried; nothing reaches the model when nothing changed. The driver never holds rows, only per-write-task
-counts and file names.
+An incremental run's pass 1 *scans* every row (fetch + hash; no decode, no model) and stages it by what pass 2
+does with it: new and changed rows go through the model, failed rows straight to the errors table, and the
+previous snapshot's unchanged rows are carried over (filtered in CPU tasks against an index in the object
+store); deleted items are not carried. The driver never holds rows, only per-write-task counts and file names.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ import ray
 import ray.data
 
 from vlm2rec_ray.embed import incremental, inputs, preprocess
-from vlm2rec_ray.embed.plan import RunPlan
+from vlm2rec_ray.embed.plan import RunPlan, row_bytes
 from vlm2rec_ray.embed.predictor import EmbedPredictor
 from vlm2rec_ray.embed.schema import (
     KEY_COLUMN,
@@ -37,6 +35,7 @@ MIN_WRITE_BLOCK_BYTES = 1 << 20  # rows reach the sinks in blocks of at least th
 COALESCE_TASKS = 2  # tasks that coalesce small blocks for the sinks at once, at least (see write)
 SCAN_ROW_BYTES = 300  # a staged scan row: key, hashes, status, title and URI
 SCAN_GROUPS = {"encode": ("new", "changed"), "failed": ("failed",), "unchanged": ("unchanged",)}
+PREPARE = {"items": preprocess.prepare_items, "sequences": preprocess.prepare_sequences}
 
 
 def snapshot_sink(plan: RunPlan) -> RowSink:
@@ -51,15 +50,12 @@ def snapshot_sink(plan: RunPlan) -> RowSink:
 
 
 def write(ds: ray.data.Dataset, sink: Any, *, row_bytes: int, tasks: int = COALESCE_TASKS) -> None:
-    """Write ``ds`` through ``sink`` in blocks of at least :data:`MIN_WRITE_BLOCK_BYTES` (at most one write task's
-    rows, ``sink.min_rows_per_write``).
-
-    A write task starts once it has a file's worth of rows; until then blocks under Ray's 100 KB inline limit (a
-    small model's batches, scan rows) would wait in the driver's memory, coalesced into >= 1 MiB blocks they wait
-    in the object store (which spills). Not Ray Data's ``repartition``: in Ray 2.60 it ran one task per block (no
-    combining) asking for a whole CPU, so its tasks queued in the driver behind the model actor and fetch tasks.
-    These take the write tasks' CPU share, at most ``tasks`` at once (a bounded pool also keeps Ray Data from
-    fusing them into the write; tests/integration/test_embed_write.py checks both).
+    """Write ``ds`` through ``sink`` in blocks of at least :data:`MIN_WRITE_BLOCK_BYTES` (at most one write
+    task's rows). A write task starts once it has a file's worth of rows; until then blocks under Ray's 100 KB
+    inline limit would wait in the driver's memory, coalesced they wait in the object store (which spills).
+    Not Ray Data's ``repartition`` (2.60: one task per block, no combining, a whole CPU each, queued behind
+    the model); at most ``tasks`` coalescing tasks at the write tasks' CPU share, a bounded pool Ray Data does
+    not fuse into the write (tests/integration/test_embed_write.py checks both).
     """
     rows = max(1, MIN_WRITE_BLOCK_BYTES // max(1, row_bytes))
     if sink.min_rows_per_write:  # never hold rows back for more than one write task's worth (a small rows_per_file)
@@ -91,10 +87,6 @@ def _prepare(plan: RunPlan, ds: ray.data.Dataset, fn: Callable[..., Any], **kwar
                           compute=ray.data.TaskPoolStrategy(size=plan.cfg.preprocess_concurrency))
 
 
-def _prepare_fn(plan: RunPlan) -> Callable[..., Any]:
-    return preprocess.prepare_items if plan.kind == "items" else preprocess.prepare_sequences
-
-
 def _model(plan: RunPlan, ds: ray.data.Dataset) -> ray.data.Dataset:
     return ds.map_batches(
         EmbedPredictor,
@@ -106,13 +98,12 @@ def _model(plan: RunPlan, ds: ray.data.Dataset) -> ray.data.Dataset:
 
 
 def build_pipeline(plan: RunPlan) -> ray.data.Dataset:
-    """The full run's rows: read -> prepare (CPU tasks) -> EmbedPredictor (actors). Lazy: nothing runs until
-    it is written or iterated."""
-    return _model(plan, _prepare(plan, _input_rows(plan), _prepare_fn(plan), opts=plan.opts("encode")))
+    """The full run's rows: read -> prepare (CPU tasks) -> EmbedPredictor (actors); lazy."""
+    return _model(plan, _prepare(plan, _input_rows(plan), PREPARE[plan.kind], opts=plan.opts("encode")))
 
 
 def run_full(plan: RunPlan, sink: RowSink) -> None:
-    write(build_pipeline(plan), sink, row_bytes=plan.row_bytes, tasks=_tasks(plan))
+    write(build_pipeline(plan), sink, row_bytes=row_bytes(plan.dim), tasks=_tasks(plan))
 
 
 def run_incremental(plan: RunPlan, sink: RowSink, say: Callable[[str], None]) -> dict[str, Any]:
@@ -126,7 +117,7 @@ def run_incremental(plan: RunPlan, sink: RowSink, say: Callable[[str], None]) ->
     schema = row_schema(plan.dim)
     scan_sink = RowSink(name="EmbeddingScan", endpoint=plan.endpoint, rows_per_file=200_000, routes={
         g: Route(plan.run.staging(g), statuses, schema) for g, statuses in SCAN_GROUPS.items()})
-    scan_ds = _prepare(plan, _input_rows(plan), _prepare_fn(plan),
+    scan_ds = _prepare(plan, _input_rows(plan), PREPARE[plan.kind],
                        opts=plan.opts("scan", prev_index=[prev_ref] if prev_ref is not None else None))
     write(scan_ds, scan_sink, row_bytes=SCAN_ROW_BYTES, tasks=_tasks(plan))
     scan = scan_sink.result
@@ -149,7 +140,7 @@ def run_incremental(plan: RunPlan, sink: RowSink, say: Callable[[str], None]) ->
                                           batch_format="pyarrow", batch_size=None, num_cpus=0.25))
     if branches:
         ds = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
-        write(ds, sink, row_bytes=plan.row_bytes, tasks=_tasks(plan))
+        write(ds, sink, row_bytes=row_bytes(plan.dim), tasks=_tasks(plan))
     return scan
 
 

@@ -150,6 +150,7 @@ def load_backbone(
     attn_implementation: str | None = None,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
+    device_map: str | None = None,
 ) -> tuple[Any, Any]:
     """Load a VLM backbone and its image-only processor.
 
@@ -161,6 +162,8 @@ def load_backbone(
         endpoint: S3 endpoint override (else ``AWS_ENDPOINT_URL``).
         attn_implementation: e.g. ``sdpa`` or ``flash_attention_2``; default: transformers' choice.
         min_pixels, max_pixels: image resize bounds for the processor (default: as saved).
+        device_map: e.g. ``auto`` to shard the weights over the visible GPUs (``device`` then only picks the
+            default dtype).
 
     Returns:
         ``(model, processor)``: the bare ``*VLModel`` in eval mode on ``device`` (with its MoDA adapters when
@@ -174,12 +177,14 @@ def load_backbone(
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if device_map:
+        kwargs["device_map"] = device_map
     model_cls = getattr(transformers, family.model_cls)
     net = model_cls.from_pretrained(model_dir, **kwargs)
     if os.path.exists(os.path.join(model_dir, "moda_config.json")):  # a MoDA export (see model/moda.py)
         from vlm2rec_ray.model.moda import load_moda
 
         load_moda(net, model_dir)
-    net.to(dev).eval()
+    (net if device_map else net.to(dev)).eval()
     processor = _load_processor(family, model_dir, min_pixels, max_pixels)
     return net, processor

@@ -1,12 +1,11 @@
 """Object storage: one small API over local paths and object stores, a backend per URI scheme.
 
 Everything in the project that reads or writes files goes through here, so a job is store- and endpoint-
-agnostic: :func:`~vlm2rec_ray.storage.base.backend` picks the backend of a URI's scheme (``base.BACKENDS``:
-local paths and ``s3://``), and the functions below are written once over the backends' primitives.
-``endpoint`` is the store's endpoint override (S3: ``storage.endpoint_url`` of the config, else
-``AWS_ENDPOINT_URL``); credentials come from the SDKs' standard chains and are never logged. Big files go
-through :func:`put_file` (S3: boto3's ``upload_file``), tables through the store's pyarrow filesystem
-(:func:`pyarrow_filesystem`, also what Ray Data reads with). S3 retries are counted (:mod:`.retries`).
+agnostic: :func:`~vlm2rec_ray.storage.base.backend` picks the backend of a URI's scheme (``base.BACKENDS``),
+and the functions below are written once over the backends' primitives. ``endpoint`` is the store's endpoint
+override (S3: ``storage.endpoint_url`` of the config, else ``AWS_ENDPOINT_URL``); credentials come from the
+SDKs' standard chains and are never logged. Tables go through the store's pyarrow filesystem
+(:func:`pyarrow_filesystem`, also what Ray Data reads with).
 """
 
 from __future__ import annotations
@@ -46,11 +45,9 @@ def write_text(uri: str, text: str, *, endpoint: str | None = None) -> None:
     write_bytes(uri, text.encode("utf-8"), endpoint=endpoint)
 
 
-@contextlib.contextmanager
-def open_read(uri: str, *, endpoint: str | None = None) -> Iterator[BinaryIO]:
-    """Stream an object or file (inputs too large to hold in memory, e.g. review dumps)."""
-    with backend(uri, endpoint).open(uri) as f:
-        yield f
+def open_read(uri: str, *, endpoint: str | None = None) -> contextlib.AbstractContextManager[BinaryIO]:
+    """``with open_read(uri) as f``: stream an object or file (inputs too large to hold in memory)."""
+    return backend(uri, endpoint).open(uri)
 
 
 def exists(uri: str, *, endpoint: str | None = None) -> bool:
@@ -60,8 +57,7 @@ def exists(uri: str, *, endpoint: str | None = None) -> bool:
 
 def list_uris(prefix: str, *, endpoint: str | None = None, suffix: str = "") -> list[str]:
     """All objects/files under a prefix (recursive), sorted, optionally filtered by suffix."""
-    b = backend(prefix, endpoint)
-    return [u for u in b.list(prefix) if u.endswith(suffix)] if b.exists(prefix) else []
+    return [u for u in backend(prefix, endpoint).list(prefix) if u.endswith(suffix)]
 
 
 def delete(uri: str, *, endpoint: str | None = None) -> bool:
@@ -69,14 +65,13 @@ def delete(uri: str, *, endpoint: str | None = None) -> bool:
     b = backend(uri, endpoint)
     found = b.exists(uri)
     if found:
-        b.delete([uri])
+        b.delete(uri)
     return found
 
 
 def delete_prefix(prefix: str, *, endpoint: str | None = None) -> int:
     """Delete everything under a prefix; returns how many objects/files were removed."""
-    b = backend(prefix, endpoint)
-    return b.delete_prefix(prefix) if b.exists(prefix) else 0
+    return backend(prefix, endpoint).delete_prefix(prefix)
 
 
 def put_file(path: str | os.PathLike[str], uri: str, *, endpoint: str | None = None) -> int:
@@ -93,7 +88,7 @@ def download_prefix(prefix: str, local_dir: str | os.PathLike[str], *, endpoint:
         StorageError: nothing under ``prefix`` (``missing``), or a copy failed.
     """
     b = backend(prefix, endpoint)
-    objects = b.list(prefix) if b.exists(prefix) else {}
+    objects = b.list(prefix)
     if not objects:
         raise StorageError(f"nothing found under {prefix}; check the URI and the endpoint", reason="missing")
     base, dest = b.absolute(prefix).rstrip("/") + "/", Path(local_dir)

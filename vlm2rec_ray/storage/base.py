@@ -137,20 +137,23 @@ class Backend:
                 pafs.FileSelector(path, recursive=True, allow_not_found=True))
         return dict(sorted((self.prefix + i.path, i.size) for i in infos if i.type == pafs.FileType.File))
 
-    def delete(self, uris: list[str]) -> None:
-        """Delete these objects (missing ones are fine)."""
-        for uri in uris:
-            fs, path = self.filesystem(uri)
-            with contextlib.suppress(FileNotFoundError), arrow_errors(uri):
-                fs.delete_file(path)
+    def delete(self, uri: str) -> None:
+        """Delete one object."""
+        fs, path = self.filesystem(uri)
+        with arrow_errors(uri):
+            fs.delete_file(path)
 
     def delete_prefix(self, prefix: str) -> int:
-        """Delete everything under ``prefix``; returns how many objects were removed."""
+        """Delete everything under ``prefix`` (nothing there is fine); returns how many objects it removed."""
         import pyarrow.fs as pafs
 
         n, (fs, path) = len(self.list(prefix)), self.filesystem(prefix)
         with arrow_errors(prefix):
-            fs.delete_dir(path) if fs.get_file_info(path).type == pafs.FileType.Directory else fs.delete_file(path)
+            kind = fs.get_file_info(path).type
+            if kind == pafs.FileType.Directory:
+                fs.delete_dir(path)
+            elif kind == pafs.FileType.File:
+                fs.delete_file(path)
         return n
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,12 +33,6 @@ def resolve_local(path: str | os.PathLike[str], root: str | os.PathLike[str] | N
     return full
 
 
-def temp_beside(dest: Path) -> Path:
-    """A temporary name next to ``dest`` (its directory created): same directory, so ``os.replace`` is atomic."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    return dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-
-
 class LocalBackend(Backend):
     """A POSIX filesystem (also what a shared mount, NFS or FSx, looks like to every node)."""
 
@@ -57,15 +52,21 @@ class LocalBackend(Backend):
         return True
 
     def write(self, uri: str, data: bytes) -> None:
-        tmp = temp_beside(resolve_local(uri))
-        tmp.write_bytes(data)
-        os.replace(tmp, resolve_local(uri))
+        self._replace(uri, lambda tmp: tmp.write_bytes(data))
 
     def upload(self, path: str, uri: str) -> None:
-        tmp = temp_beside(resolve_local(uri))
+        self._replace(uri, lambda tmp: shutil.copyfile(path, tmp), what=f"{path} -> {uri}")
+
+    @staticmethod
+    def _replace(uri: str, fill: Callable[[Path], object], what: str | None = None) -> None:
+        """``fill`` a temporary file beside the target (same directory: ``os.replace`` is atomic), then rename
+        it into place; errors name ``what`` (default ``uri``)."""
+        dest = resolve_local(uri)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         try:
-            with arrow_errors(path):
-                shutil.copyfile(path, tmp)
-            os.replace(tmp, resolve_local(uri))
+            with arrow_errors(what or uri):
+                fill(tmp)
+            os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)

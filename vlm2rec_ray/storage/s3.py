@@ -1,10 +1,10 @@
 """S3 and S3-compatible stores (MinIO, moto, Ceph) through boto3, and pyarrow's S3 filesystem for table reads.
 
-The endpoint comes from the config (``storage.endpoint_url``) or ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``,
-credentials from boto3's and pyarrow's standard chains (environment, profile, instance role). Clients use
-adaptive retries and bounded timeouts; every retry they make is counted (:mod:`vlm2rec_ray.storage.retries`).
-Uploads are ``upload_file`` with a ``TransferConfig``: one PUT up to 16 MiB, else a multipart upload of 16 MiB
-parts, 4 in flight, aborted on failure (s3transfer), so an object appears only whole.
+The endpoint comes from the config (``storage.endpoint_url``) or ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``,
+credentials from the SDKs' standard chains (environment, profile, instance role). boto3 clients use adaptive
+retries and bounded timeouts, their retries counted (:mod:`.retries`). Uploads are ``upload_file`` with a
+``TransferConfig``: one PUT up to 16 MiB, else a multipart upload of 16 MiB parts, 4 in flight, aborted on
+failure (s3transfer), so an object appears only whole.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def s3_client(endpoint: str | None = None, max_attempts: int = 8, timeout_s: flo
         client = _CLIENTS.get((ep, max_attempts, timeout_s))
         if client is None:
             cfg = Config(retries={"max_attempts": max_attempts, "mode": "adaptive"}, connect_timeout=min(timeout_s, 10.0),
-                         read_timeout=timeout_s, max_pool_connections=32)
+                         read_timeout=timeout_s, max_pool_connections=32,
+                         user_agent_extra=f"vlm2rec-pid/{os.getpid()}")  # which process asked (access logs)
             client = boto3.session.Session().client("s3", endpoint_url=ep, config=cfg, region_name=_region())
             client.meta.events.register("request-created.s3", retries.count_retry, unique_id="vlm2rec-retries")
             _CLIENTS[(ep, max_attempts, timeout_s)] = client
@@ -69,27 +70,23 @@ def split(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def error(uri: str, exc: Exception) -> StorageError:
-    """A boto3/s3transfer exception as a :class:`StorageError` with a reason from its error code."""
-    resp = getattr(exc, "response", None)
-    code = str(resp.get("Error", {}).get("Code", "")) if isinstance(resp, dict) else ""
-    text = f"{code} {exc}"
-    if code in _MISSING or any(f"({c})" in text for c in _MISSING):
-        return StorageError(f"object not found: {uri} ({code or 'NoSuchKey'})", reason="missing")
-    if code in _DENIED or any(f"({c})" in text for c in _DENIED):
-        return StorageError(f"access denied to {uri} ({code or 'AccessDenied'}); check the credentials for this "
-                            "bucket", "denied")
-    return StorageError(f"S3 request for {uri} failed: {type(exc).__name__}: {exc}", reason="io_error")
-
-
 @contextlib.contextmanager
 def _errors(uri: str) -> Iterator[None]:
+    """boto3/s3transfer exceptions as :class:`StorageError` with a reason from their error code."""
     try:
         yield
     except StorageError:
         raise
     except Exception as e:
-        raise error(uri, e) from e
+        resp = getattr(e, "response", None)
+        code = str(resp.get("Error", {}).get("Code", "")) if isinstance(resp, dict) else ""
+        text = f"{code} {e}"
+        if code in _MISSING or any(f"({c})" in text for c in _MISSING):
+            raise StorageError(f"object not found: {uri} ({code or 'NoSuchKey'})", reason="missing") from e
+        if code in _DENIED or any(f"({c})" in text for c in _DENIED):
+            raise StorageError(f"access denied to {uri} ({code or 'AccessDenied'}); check the credentials "
+                               "for this bucket", "denied") from e
+        raise StorageError(f"S3 request for {uri} failed: {type(e).__name__}: {e}", reason="io_error") from e
 
 
 class S3Backend(Backend):
@@ -153,4 +150,4 @@ class S3Backend(Backend):
         return pafs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
 
 
-__all__ = ["S3Backend", "endpoint_url", "error", "s3_client", "split"]
+__all__ = ["S3Backend", "endpoint_url", "s3_client", "split"]
