@@ -601,11 +601,13 @@ def _plot_alignment(result: dict[str, Any], path: Path) -> None:
     named = [n for n in result["final"] if result["final"][n]["grad_alignment"]]
     if not named:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
-    for ax, key, title in ((axes[0], "cos_total_text", "cos(g_total, g_T)"),
-                           (axes[1], "cos_total_image", "cos(g_total, g_V)")):
+    panels = [("cos_total_text", "cos(g_total, g_T)"), ("cos_total_image", "cos(g_total, g_V)")]
+    if any("cos_text_image" in p for n in named for p in result["final"][n]["grad_alignment"]):
+        panels.append(("cos_text_image", "gradient conflict cos(g_T, g_V)"))  # SDA's figure
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), sharey=True)
+    for ax, (key, title) in zip(axes, panels, strict=True):
         for n in named:
-            ga = result["final"][n]["grad_alignment"]
+            ga = [p for p in result["final"][n]["grad_alignment"] if key in p]
             ax.plot([p["step"] for p in ga], [p[key] for p in ga], marker="o", ms=3, label=n)
         ax.set_title(title)
         ax.set_xlabel("step")
