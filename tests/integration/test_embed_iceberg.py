@@ -79,7 +79,7 @@ def _assert_no_duplicates_at_any_commit(table: Any) -> None:
 
 def test_full_run_commits_one_tagged_snapshot(world: dict[str, Any]) -> None:
     from vlm2rec_ray.embed import read_embeddings, run_embed_items
-    from vlm2rec_ray.embed.schema import item_schema
+    from vlm2rec_ray.embed.schema import output_schema
 
     w = world
     s = run_embed_items(_cfg(w, f"dt={DT1}"))
@@ -102,7 +102,7 @@ def test_full_run_commits_one_tagged_snapshot(world: dict[str, Any]) -> None:
     assert errors.column("item_id").to_pylist() == [MISSING] and errors.column("reason").to_pylist() == ["missing"]
     # read_embeddings gives the Parquet path's exact schema back (fixed-size vectors of the table's dim).
     got = read_embeddings(TABLE, catalog=w["props"])
-    assert got.schema.equals(item_schema(dim), check_metadata=False), got.schema
+    assert got.schema.equals(output_schema("items", dim), check_metadata=False), got.schema
     fused = got.column("emb_fused").combine_chunks().flatten().to_numpy().reshape(got.num_rows, dim)
     text = got.column("emb_text").combine_chunks().flatten().to_numpy().reshape(got.num_rows, dim)
     image = got.column("emb_image").combine_chunks().flatten().to_numpy().reshape(got.num_rows, dim)
@@ -214,12 +214,12 @@ def test_duckdb_reads_the_current_snapshot_from_arrow(world: dict[str, Any]) -> 
 
 def test_sequences_go_to_their_own_table(world: dict[str, Any]) -> None:
     from vlm2rec_ray.embed import read_embeddings, run_embed_sequences
-    from vlm2rec_ray.embed.schema import sequence_schema
+    from vlm2rec_ray.embed.schema import output_schema
 
     w = world
     s = run_embed_sequences(_cfg(w, f"dt={DT1}", "split=test", "max_failure_fraction=0.5", "batch_size=8"))
     assert s["ok"] + s["failed"] == s["input_rows"] > 0 and s["ok"] > 0
     got = read_embeddings("embeddings.sequences", DT1, catalog=w["props"])
     dim = got.schema.field("emb_fused").type.list_size
-    assert got.schema.equals(sequence_schema(dim), check_metadata=False) and got.num_rows == s["ok"]
+    assert got.schema.equals(output_schema("sequences", dim), check_metadata=False) and got.num_rows == s["ok"]
     assert len(pc.unique(got.column("user_id"))) == got.num_rows

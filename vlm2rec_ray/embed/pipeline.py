@@ -14,9 +14,10 @@ S3 retries are a Ray metric; the summary's ``storage_retries`` is the job's coun
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
@@ -42,16 +43,22 @@ RETRIED_IO_ERRORS = ("AWS Error UNKNOWN (HTTP status 5",)
 USE_DATASOURCE_V2 = False
 
 
-def user_error(e: BaseException) -> BaseException:
-    """The user-facing error (a bad input: ValueError, FileNotFoundError, StorageError) inside Ray's wrappers; the
-    run sets ``raise_original_map_exception``, so Ray Data keeps a UDF's own exception as the cause."""
-    cur: BaseException | None = e
-    for _ in range(10):
-        if cur is not None and not type(cur).__module__.startswith("ray.") and isinstance(
-                cur, (ValueError, FileNotFoundError, PermissionError, storage.StorageError)):
-            return cur
-        cur = cur and (getattr(cur, "cause", None) or cur.__cause__)
-    return e
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Re-raise a bad input's own error (ValueError, FileNotFoundError, PermissionError, StorageError) from inside
+    Ray's wrappers; the run sets ``raise_original_map_exception``, so Ray Data keeps a UDF's error as the cause."""
+    try:
+        yield
+    except BaseException as e:
+        cur: BaseException | None = e
+        for _ in range(10):
+            if cur is not None and not type(cur).__module__.startswith("ray.") and isinstance(
+                    cur, (ValueError, FileNotFoundError, PermissionError, storage.StorageError)):
+                if cur is e:
+                    raise
+                raise cur from e
+            cur = cur and (getattr(cur, "cause", None) or cur.__cause__)
+        raise
 
 
 def _run(cfg: EmbedJobConfig, kind: str, progress: Callable[[str], None] | None) -> dict[str, Any]:
@@ -72,18 +79,15 @@ def _run(cfg: EmbedJobConfig, kind: str, progress: Callable[[str], None] | None)
         census = _census(plan)
         sink, scan = (iceberg.snapshot_sink(plan) if plan.table is not None else stages.snapshot_sink(plan)), None
         try:  # the executor's freed native allocations go back to the OS as the run goes (driver RSS stays flat)
-            with returning_freed_memory(TRIM_EVERY_S):
+            with user_errors(), returning_freed_memory(TRIM_EVERY_S):
                 scan = stages.run_incremental(plan, sink, say) if plan.cfg.incremental else stages.run_full(plan, sink)
         except BaseException as e:
-            root = user_error(e)
             try:  # best effort: mark the run failed (the next publish removes it) and drop its staging
-                plan.run.fail({"error": f"{type(root).__name__}: {root}"[:2000]})
+                plan.run.fail({"error": f"{type(e).__name__}: {e}"[:2000]})
             except Exception as e2:  # the original error matters more
                 logging.getLogger(__name__).warning("could not mark run %s failed: %s", plan.run.run_id, e2)
             if plan.table is not None:
                 iceberg.abort(plan)
-            if root is not e:  # a ValueError raised in a Ray task reaches here wrapped; show the cause
-                raise root from e
             raise
         say(f"input: {census['rows']} rows in {len(plan.files)} file(s)")
         return (iceberg.finish if plan.table is not None else publish.finish)(plan, census, sink.result, scan,
@@ -97,13 +101,8 @@ def _census(plan: RunPlan) -> dict[str, Any]:
     ref = ray.remote(num_cpus=0.25)(inputs.census).remote(plan.files, plan.fmt, plan.kind, plan.endpoint)
     if plan.kind == "sequences":
         plan.catalog_ref = ray.remote(num_cpus=0.25)(inputs.catalog_lookup).remote(plan.catalog_files, plan.endpoint)
-    try:
+    with user_errors():
         census = ray.get(ref)
-    except BaseException as e:
-        root = user_error(e)
-        if root is not e:
-            raise root from e
-        raise
     if census["duplicates"]:
         key = KEY_COLUMN[plan.kind]
         raise ValueError(f"{plan.source_uri} has {census['duplicates']} duplicate {key} value(s), e.g. "
@@ -129,4 +128,4 @@ def run_embed_sequences(cfg: EmbedJobConfig, *, progress: Callable[[str], None] 
     return _run(cfg, "sequences", progress)
 
 
-__all__ = ["EmbedFailureError", "format_summary", "run_embed_items", "run_embed_sequences", "user_error"]
+__all__ = ["EmbedFailureError", "format_summary", "run_embed_items", "run_embed_sequences", "user_errors"]

@@ -1,14 +1,11 @@
 """The model stage: :class:`EmbedPredictor`, a Ray Data actor holding one copy of the model. Rows come back
 ``encoded`` with ``emb_text`` (titles through P_T), ``emb_image`` (images through P_V) and ``emb_fused``
-(their sum, paper 2.3; the interleaved prompt's with ``model.fusion: internal``); pixels stay in the actor.
+(their sum, paper 2.3; the interleaved prompt's with ``model.fusion: internal``). Identical inputs are encoded
+once (``text_key`` / ``image_key``, within a batch and in an LRU cache per actor of ``cache_mib``).
 
-Identical inputs are encoded once: deduplicated by ``text_key`` / ``image_key`` within a batch, and kept
-across batches in an LRU cache per actor (``cache_mib``).
-
-Determinism (CPU default): Ray Data does not fix batch composition, and with left padding a row's result
-depends on the pad length, so a batch's distinct prompts run as unpadded sub-batches of one exact shape (token
-count; resized image grid) in a fixed order: every row is bitwise equal to the row encoded alone
-(tests/unit/embed/test_predictor.py). ``deterministic: false`` runs plain padded batches (GPU).
+Determinism (CPU default): with left padding a row's result depends on its batch, so distinct prompts run as
+unpadded sub-batches of one exact shape (token count; resized image grid) in a fixed order: every row is
+bitwise equal to the row encoded alone. ``deterministic: false`` runs plain padded batches (GPU).
 """
 
 from __future__ import annotations
@@ -109,14 +106,11 @@ class BatchEncoder:
         return [len(ids) for ids in proc.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     def _chunks(self, keys: list[str], shapes: list[Any] | None) -> list[list[int]]:
-        """Index chunks to run as one forward each: by exact shape when deterministic."""
-        order = list(range(len(keys)))
-        if not self.deterministic or shapes is None:
-            return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        """Index chunks to run as one forward each: with ``shapes`` (deterministic), by exact shape in key order."""
         groups: dict[Any, list[int]] = {}
-        for i in sorted(order, key=lambda i: keys[i]):
-            groups.setdefault(shapes[i], []).append(i)
-        return [idx[i:i + self.batch_size] for shape in sorted(groups, key=repr) for idx in [groups[shape]]
+        for i in range(len(keys)) if shapes is None else sorted(range(len(keys)), key=keys.__getitem__):
+            groups.setdefault(None if shapes is None else shapes[i], []).append(i)
+        return [idx[i:i + self.batch_size] for _, idx in sorted(groups.items(), key=lambda g: repr(g[0]))
                 for i in range(0, len(idx), self.batch_size)]
 
     def _run(self, fn: Callable[[list[int]], Any], chunks: list[list[int]]) -> tuple[dict[int, np.ndarray], dict[int, str]]:
@@ -137,11 +131,6 @@ class BatchEncoder:
                 done.update(sub_done)
                 errors.update(sub_err)
         return done, errors
-
-    def _to_numpy(self, t: Any) -> np.ndarray:
-        # A copy: ``hidden[:, -1]`` is a view of the (B, T, d) hidden state (on CPU ``.numpy()`` shares
-        # memory), and a row kept from it would keep the whole batch's hidden state alive.
-        return np.array(t.detach().float().cpu().numpy(), dtype=np.float32, copy=True)
 
     def encode(self, titles: list[list[str]], images: list[list[Any]], text_keys: list[str], image_keys: list[str]
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int], list[int], dict[int, str]]:
@@ -188,7 +177,9 @@ class BatchEncoder:
                 first[k] = i
         todo = list(first.values())
         if todo:
-            done, errs = self._run(lambda c: self._to_numpy(forward([todo[j] for j in c])),
+            # a copy: on CPU ``.numpy()`` is a view of the batch's (B, T, d) hidden state, kept alive by any row
+            done, errs = self._run(lambda c: np.array(forward([todo[j] for j in c]).detach().float().cpu().numpy(),
+                                                      dtype=np.float32, copy=True),
                                    self._chunks([keys[i] for i in todo], shapes(todo) if self.deterministic else None))
             for j, vec in done.items():
                 fresh[keys[todo[j]]] = vec  # a row of this chunk's (B, d) output, for this call only
@@ -227,25 +218,21 @@ class BatchEncoder:
                 else:
                     status[i] = "encoded"
         valid = np.asarray([s == "encoded" for s in status])
-        mask = pa.array(~valid)
 
         def fsl(m: np.ndarray) -> pa.Array:
             arr = fixed_size_list(m, self.dim)
-            return pa.FixedSizeListArray.from_arrays(arr.values, type=arr.type, mask=mask)
+            return pa.FixedSizeListArray.from_arrays(arr.values, type=arr.type, mask=pa.array(~valid))
 
-        def unless_ok(column: str) -> list[Any]:  # ok rows drop what only the errors table needs
-            return [None if v else x for x, v in zip(batch.column(column).to_pylist(), valid, strict=True)]
+        def pick(column: str | list[Any], ok: bool, other: Any = None) -> list[Any]:  # per row: the value if ok
+            values = batch.column(column).to_pylist() if isinstance(column, str) else column
+            return [x if v == ok else other for x, v in zip(values, valid, strict=True)]
 
-        now = _dt.datetime.now(_dt.timezone.utc)
         return rows(self.dim, n, key=batch.column("key"), history=batch.column("history"), emb_text=fsl(emb[0]),
-                    emb_image=fsl(emb[1]), emb_fused=fsl(emb[2]),
-                    content_hash=[h if v else None for h, v in zip(batch.column("content_hash").to_pylist(), valid,
-                                                                   strict=True)],
-                    embedded_at=[now if v else None for v in valid], status=status,
-                    change=[c if v else "" for c, v in zip(batch.column("change").to_pylist(), valid, strict=True)],
-                    in_prev=batch.column("in_prev"), reason=reason, detail=detail, title=unless_ok("title"),
-                    image_uri=unless_ok("image_uri"), failed_item_id=batch.column("failed_item_id"),
-                    texts_encoded=n_text, images_encoded=n_image)
+                    emb_image=fsl(emb[1]), emb_fused=fsl(emb[2]), content_hash=pick("content_hash", True),
+                    embedded_at=pick([_dt.datetime.now(_dt.timezone.utc)] * n, True), status=status,
+                    change=pick("change", True, ""), in_prev=batch.column("in_prev"), reason=reason, detail=detail,
+                    title=pick("title", False), image_uri=pick("image_uri", False),  # errors-table only
+                    failed_item_id=batch.column("failed_item_id"), texts_encoded=n_text, images_encoded=n_image)
 
 
 def load_encoder(cfg: Any, gpus: float = 0.0) -> Any:

@@ -34,8 +34,8 @@ def storage_retries(plan: RunPlan) -> int | None:
 def summarize(plan: RunPlan, census: dict[str, Any], res: dict[str, Any], scan: dict[str, Any] | None,
               started: float, started_epoch: float) -> dict[str, Any]:
     c = res["counts"]
-    timeline = res["timeline"]  # the sink's EncodeTimeline
-    steady = timeline.steady_rows_per_s()
+    timeline = res["timeline"]  # the sink's EncodeTimeline (None: nothing encoded)
+    steady = timeline.steady_rows_per_s() if timeline else None
     rows, failed = int(census["rows"]), int(c.get("failed", 0))
     elapsed = round(time.perf_counter() - started, 3)
     summary: dict[str, Any] = {
@@ -51,7 +51,7 @@ def summarize(plan: RunPlan, census: dict[str, Any], res: dict[str, Any], scan: 
         "elapsed_s": elapsed, "rows_per_s": round(rows / elapsed, 2) if elapsed > 0 else None,
         # seconds from the start until the model's first batch was done (start-up), and the encoded rows/s from
         # the first batch to the last (the steady rate); from the encoded rows' embedded_at stamps
-        "first_batch_s": round(timeline.first_us / 1e6 - started_epoch, 2) if timeline.first_us is not None else None,
+        "first_batch_s": round(timeline.first_us / 1e6 - started_epoch, 2) if timeline else None,
         "encode_rows_per_s": round(steady, 2) if steady is not None else None,
     }
     if scan is not None:

@@ -24,12 +24,8 @@ import pyarrow as pa
 
 from vlm2rec_ray.data.images import REASONS as IMAGE_REASONS
 
-KINDS = ("items", "sequences")
 KEY_COLUMN = {"items": "item_id", "sequences": "user_id"}
 EMBEDDING_COLUMNS = ("emb_text", "emb_image", "emb_fused")
-ITEM_COLUMNS = ("item_id", *EMBEDDING_COLUMNS, "content_hash", "model_id", "model_version", "embedded_at")
-SEQUENCE_COLUMNS = ("user_id", "history", *EMBEDDING_COLUMNS, "content_hash", "model_id", "model_version",
-                    "embedded_at")
 EMBEDDED_AT_TYPE = pa.timestamp("us", tz="UTC")
 
 # Image reasons (data/images.py, incl. empty_title) plus the embed job's: a null/blank item_id (user_id), a
@@ -51,45 +47,28 @@ def _list(t: pa.DataType) -> pa.DataType:
 HISTORY_TYPE = _list(pa.string())
 
 
-def _tail(dim: int) -> list[pa.Field]:
-    return [*(pa.field(c, embedding_type(dim), nullable=False) for c in EMBEDDING_COLUMNS),
-            *(pa.field(c, pa.string(), nullable=False) for c in ("content_hash", "model_id", "model_version")),
-            pa.field("embedded_at", EMBEDDED_AT_TYPE, nullable=False)]
-
-
-def item_schema(dim: int) -> pa.Schema:
-    """The exact schema of item embedding files for embedding size ``dim``."""
-    return pa.schema([pa.field("item_id", pa.string(), nullable=False), *_tail(dim)])
-
-
-def sequence_schema(dim: int) -> pa.Schema:
-    """The exact schema of sequence embedding files for embedding size ``dim``."""
-    return pa.schema([pa.field("user_id", pa.string(), nullable=False),
-                      pa.field("history", HISTORY_TYPE, nullable=False), *_tail(dim)])
-
-
-def _checked(kind: str) -> str:
-    if kind not in KINDS:
-        raise ValueError(f"unknown embedding kind {kind!r}; expected one of {KINDS}")
-    return kind
+def _key_fields(kind: str, nullable: bool) -> list[pa.Field]:
+    if kind not in KEY_COLUMN:
+        raise ValueError(f"unknown embedding kind {kind!r}; expected one of {tuple(KEY_COLUMN)}")
+    history = [pa.field("history", HISTORY_TYPE, nullable=nullable)] if kind == "sequences" else []
+    return [pa.field(KEY_COLUMN[kind], pa.string(), nullable=nullable), *history]
 
 
 def output_schema(kind: str, dim: int) -> pa.Schema:
-    return item_schema(dim) if _checked(kind) == "items" else sequence_schema(dim)
-
-
-_ERRORS_TAIL = [pa.field("title", pa.string()), pa.field("image_uri", pa.string()),
-                pa.field("reason", pa.string(), nullable=False), pa.field("detail", pa.string()),
-                pa.field("model_version", pa.string(), nullable=False),
-                pa.field("failed_at", EMBEDDED_AT_TYPE, nullable=False)]
-ITEM_ERRORS_SCHEMA = pa.schema([pa.field("item_id", pa.string()), *_ERRORS_TAIL])
-# sequences: item_id is the history item that failed (None for row-level reasons)
-SEQUENCE_ERRORS_SCHEMA = pa.schema([pa.field("user_id", pa.string()), pa.field("history", HISTORY_TYPE),
-                                    pa.field("item_id", pa.string()), *_ERRORS_TAIL])
+    """The exact schema of ``kind``'s (``items`` / ``sequences``) embedding files for embedding size ``dim``."""
+    return pa.schema([*_key_fields(kind, False),
+                      *(pa.field(c, embedding_type(dim), nullable=False) for c in EMBEDDING_COLUMNS),
+                      *(pa.field(c, pa.string(), nullable=False) for c in ("content_hash", "model_id", "model_version")),
+                      pa.field("embedded_at", EMBEDDED_AT_TYPE, nullable=False)])
 
 
 def errors_schema(kind: str) -> pa.Schema:
-    return ITEM_ERRORS_SCHEMA if _checked(kind) == "items" else SEQUENCE_ERRORS_SCHEMA
+    """The errors table's schema (sequences: ``item_id`` is the history item that failed, None for row reasons)."""
+    return pa.schema([*_key_fields(kind, True), *([pa.field("item_id", pa.string())] if kind == "sequences" else []),
+                      pa.field("title", pa.string()), pa.field("image_uri", pa.string()),
+                      pa.field("reason", pa.string(), nullable=False), pa.field("detail", pa.string()),
+                      pa.field("model_version", pa.string(), nullable=False),
+                      pa.field("failed_at", EMBEDDED_AT_TYPE, nullable=False)])
 
 
 def schema_to_json(schema: pa.Schema) -> list[dict[str, object]]:
@@ -183,7 +162,6 @@ def errors_table(batch: pa.Table, *, kind: str, model_version: str, failed_at: o
                       failed_at=pa.array([failed_at] * n, EMBEDDED_AT_TYPE))
 
 
-__all__ = ["EMBEDDED_AT_TYPE", "EMBEDDING_COLUMNS", "ERROR_REASONS", "HISTORY_TYPE", "ITEM_COLUMNS", "ITEM_ERRORS_SCHEMA",
-           "KEY_COLUMN", "KINDS", "OK_STATUSES", "SEQUENCE_COLUMNS", "SEQUENCE_ERRORS_SCHEMA", "embedding_type",
-           "errors_schema", "errors_table", "fixed_size_list", "item_schema", "output_schema", "output_table",
-           "row_schema", "rows", "schema_to_json", "sequence_schema"]
+__all__ = ["EMBEDDED_AT_TYPE", "EMBEDDING_COLUMNS", "ERROR_REASONS", "HISTORY_TYPE", "KEY_COLUMN", "OK_STATUSES",
+           "embedding_type", "errors_schema", "errors_table", "fixed_size_list", "output_schema", "output_table",
+           "row_schema", "rows", "schema_to_json"]

@@ -14,7 +14,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -99,7 +99,7 @@ class RowSink(Datasink):
 
     def __init__(self, *, routes: dict[str, Route], endpoint: str | None, rows_per_file: int, name: str) -> None:
         self.routes, self.endpoint, self.rows_per_file, self.name = routes, endpoint, rows_per_file, name
-        self.result: dict[str, Any] = {"counts": {}, "reasons": {}, "timeline": EncodeTimeline(),
+        self.result: dict[str, Any] = {"counts": {}, "reasons": {}, "timeline": None,
                                        "files": {k: [] for k in routes}}  # until a write completes
 
     def get_name(self) -> str:
@@ -114,7 +114,7 @@ class RowSink(Datasink):
         writers = {k: _PartWriter(storage.join(r.uri, name), r.schema, self.endpoint) for k, r in self.routes.items()}
         counts: Counter[str] = Counter()
         reasons: Counter[str] = Counter()
-        timeline = EncodeTimeline()
+        stamps: list[EncodeTimeline | None] = []
         try:
             for block in blocks:
                 t = BlockAccessor.for_block(block).to_arrow()
@@ -135,61 +135,59 @@ class RowSink(Datasink):
                                                                               .column("reason"))})
                 for c in ("in_prev", "texts_encoded", "images_encoded"):
                     counts[c] += int(pc.sum(pc.cast(t.column(c), pa.int64())).as_py() or 0)
-                timeline.add(t)
+                stamps.append(EncodeTimeline.of(t))
             files = {k: [{"uri": w.uri, "rows": w.rows, "bytes": w.close()}] if w.rows else []
                      for k, w in writers.items()}
         except BaseException:
             for w in writers.values():
                 w.abort()
             raise
-        return {"files": files, "counts": dict(counts), "reasons": dict(reasons), "timeline": timeline}
+        return {"files": files, "counts": dict(counts), "reasons": dict(reasons), "timeline": EncodeTimeline.merge(stamps)}
 
     def on_write_complete(self, write_result: WriteResult) -> None:
         results = [r for r in write_result.write_returns if r]
-        timeline = EncodeTimeline()
-        for r in results:
-            timeline.merge(r["timeline"])
         files = {k: sorted((f for r in results for f in r["files"][k]), key=lambda f: f["uri"])
                  for k in self.routes}
         self.result = {"counts": dict(sum((Counter(r["counts"]) for r in results), Counter())),
                        "reasons": dict(sum((Counter(r["reasons"]) for r in results), Counter())),
-                       "timeline": timeline, "files": files}
+                       "timeline": EncodeTimeline.merge(r["timeline"] for r in results), "files": files}
 
 
-class EncodeTimeline:
+class EncodeTimeline(NamedTuple):
     """When the model stage finished its batches, from the ``embedded_at`` stamps of the rows encoded in this
     run (the actor stamps a batch when it finishes it; carried rows keep older stamps and are left out):
-    the first and last stamp and how many rows bear the first. Merges across write tasks in O(1)."""
+    the first and last stamp (microseconds since the epoch, UTC), the encoded rows, how many bear the first."""
 
-    def __init__(self, first_us: int | None = None, last_us: int | None = None, rows: int = 0,
-                 rows_at_first: int = 0) -> None:
-        self.first_us, self.last_us = first_us, last_us  # microseconds since the epoch (UTC)
-        self.rows, self.rows_at_first = rows, rows_at_first  # encoded rows seen; of which stamped first_us
+    first_us: int
+    last_us: int
+    rows: int
+    rows_at_first: int
 
-    def add(self, rows: pa.Table) -> None:
-        """Take the ``status == "encoded"`` rows of a block of rows."""
+    @staticmethod
+    def of(rows: pa.Table) -> EncodeTimeline | None:
+        """The timeline of a block's ``status == "encoded"`` rows (None: none)."""
         enc = rows.filter(pc.equal(rows.column("status"), "encoded"))
-        if enc.num_rows:
-            us = pc.cast(enc.column("embedded_at"), pa.int64())
-            lo = int(pc.min(us).as_py())
-            self.merge(EncodeTimeline(lo, int(pc.max(us).as_py()), enc.num_rows,
-                                      int(pc.sum(pc.cast(pc.equal(us, lo), pa.int64())).as_py())))
+        if not enc.num_rows:
+            return None
+        us = pc.cast(enc.column("embedded_at"), pa.int64())
+        lo = int(pc.min(us).as_py())
+        return EncodeTimeline(lo, int(pc.max(us).as_py()), enc.num_rows,
+                              int(pc.sum(pc.cast(pc.equal(us, lo), pa.int64())).as_py()))
 
-    def merge(self, other: EncodeTimeline) -> None:
-        if other.first_us is None or other.last_us is None:
-            return
-        if self.first_us is None or other.first_us < self.first_us:
-            self.first_us, self.rows_at_first = other.first_us, other.rows_at_first
-        elif other.first_us == self.first_us:
-            self.rows_at_first += other.rows_at_first
-        self.last_us = other.last_us if self.last_us is None else max(self.last_us, other.last_us)
-        self.rows += other.rows
+    @staticmethod
+    def merge(parts: Iterable[EncodeTimeline | None]) -> EncodeTimeline | None:
+        """One timeline of several (blocks, write tasks), as if taken over all their rows at once."""
+        ps = [p for p in parts if p is not None]
+        if not ps:
+            return None
+        first = min(p.first_us for p in ps)
+        return EncodeTimeline(first, max(p.last_us for p in ps), sum(p.rows for p in ps),
+                              sum(p.rows_at_first for p in ps if p.first_us == first))
 
     def steady_rows_per_s(self) -> float | None:
         """Encoded rows after the first batch / time from the first batch to the last (None: one batch)."""
-        if self.first_us is None or self.last_us is None or self.last_us <= self.first_us:
-            return None
-        return (self.rows - self.rows_at_first) / ((self.last_us - self.first_us) / 1e6)
+        span = (self.last_us - self.first_us) / 1e6
+        return (self.rows - self.rows_at_first) / span if span > 0 else None
 
 
 __all__ = ["EncodeTimeline", "Route", "RowSink", "coalesced"]

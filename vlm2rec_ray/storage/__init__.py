@@ -1,11 +1,9 @@
 """Object storage: one small API over local paths and object stores, a backend per URI scheme.
 
-Everything in the project that reads or writes files goes through here, so a job is store- and endpoint-
-agnostic: :func:`~vlm2rec_ray.storage.base.backend` picks the backend of a URI's scheme (``base.BACKENDS``),
-and the functions below are written once over the backends' primitives. ``endpoint`` is the store's endpoint
-override (S3: ``storage.endpoint_url`` of the config, else ``AWS_ENDPOINT_URL``); credentials come from the
-SDKs' standard chains and are never logged. Tables go through the store's pyarrow filesystem
-(:func:`pyarrow_filesystem`, also what Ray Data reads with).
+Everything that reads or writes files goes through here: :func:`~vlm2rec_ray.storage.base.backend` picks the
+backend of a URI's scheme (``base.BACKENDS``) and the functions below are written once over its primitives.
+``endpoint`` overrides the store's endpoint (S3: ``storage.endpoint_url``, else ``AWS_ENDPOINT_URL``);
+credentials come from the SDKs' standard chains and are never logged.
 """
 
 from __future__ import annotations
@@ -17,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from vlm2rec_ray.storage.base import Backend, StorageError, arrow_errors, backend, is_remote, join, scheme
+from vlm2rec_ray.storage.base import Backend, StorageError, backend, is_remote, join, scheme, storage_errors
 from vlm2rec_ray.storage.local import resolve_local
 from vlm2rec_ray.storage.s3 import endpoint_url, s3_client
 
@@ -134,7 +132,7 @@ def read_parquet(uri: str, *, endpoint: str | None = None, columns: list[str] | 
     import pyarrow.parquet as pq
 
     fs, path = pyarrow_filesystem(uri, endpoint=endpoint)
-    with arrow_errors(uri):
+    with storage_errors(uri):
         return pq.read_table(path, filesystem=fs, columns=columns)
 
 
@@ -144,7 +142,7 @@ def open_parquet(uri: str, *, endpoint: str | None = None) -> Iterator[pyarrow.p
     import pyarrow.parquet as pq
 
     fs, path = pyarrow_filesystem(uri, endpoint=endpoint)
-    with arrow_errors(uri), fs.open_input_file(path) as f:
+    with storage_errors(uri), fs.open_input_file(path) as f:
         yield pq.ParquetFile(f)
 
 

@@ -34,22 +34,29 @@ class StorageError(RuntimeError):
         self.reason = reason
 
 
+# What the stores' errors say when an object is missing or access is denied (pyarrow's message text; the error
+# codes of boto3's ClientError, also shown in s3transfer's messages as "(Code)").
+_MISSING = ("NoSuchKey", "NoSuchBucket", "does not exist", "NOT_FOUND", "(404)", "(NotFound)")
+_DENIED = ("AccessDenied", "ACCESS_DENIED", "(403)", "InvalidAccessKeyId", "SignatureDoesNotMatch")
+
+
 @contextlib.contextmanager
-def arrow_errors(uri: str) -> Iterator[None]:
-    """pyarrow's and the OS's I/O errors as :class:`StorageError` with a reason (``missing``, ``denied``, ...)."""
+def storage_errors(uri: str, catch: type[Exception] = OSError) -> Iterator[None]:
+    """The OS's, pyarrow's (``OSError``) and, with ``catch=Exception``, boto3's errors as :class:`StorageError`
+    with a reason (``missing``, ``denied``, ``io_error``)."""
     try:
         yield
     except StorageError:
         raise
-    except OSError as e:
-        msg = str(e)
-        if isinstance(e, FileNotFoundError | IsADirectoryError) or any(
-                s in msg for s in ("NoSuchKey", "NoSuchBucket", "does not exist", "NOT_FOUND")):
+    except catch as e:
+        resp = getattr(e, "response", None)
+        text = f"({resp.get('Error', {}).get('Code', '')}) {e}" if isinstance(resp, dict) else str(e)
+        if isinstance(e, FileNotFoundError | IsADirectoryError) or any(s in text for s in _MISSING):
             raise StorageError(f"file not found: {uri}; check the path (and the endpoint of an object store)",
                                reason="missing") from e
-        if isinstance(e, PermissionError) or "ACCESS_DENIED" in msg or "AccessDenied" in msg:
+        if isinstance(e, PermissionError) or any(s in text for s in _DENIED):
             raise StorageError(f"access denied to {uri}; check the credentials", reason="denied") from e
-        raise StorageError(f"storage request for {uri} failed: {msg}", reason="io_error") from e
+        raise StorageError(f"storage request for {uri} failed: {type(e).__name__}: {e}", reason="io_error") from e
 
 
 class Backend:
@@ -86,7 +93,7 @@ class Backend:
         import pyarrow.fs as pafs
 
         fs, path = self.filesystem(uri)
-        with arrow_errors(uri):
+        with storage_errors(uri):
             info = fs.get_file_info(path)
             if info.type != pafs.FileType.File:
                 raise StorageError(f"{uri} is not a file or object", reason="missing")
@@ -99,23 +106,23 @@ class Backend:
     def open(self, uri: str) -> Iterator[BinaryIO]:
         """A stream over the object (inputs too large to hold in memory)."""
         fs, path = self.filesystem(uri)
-        with arrow_errors(uri), fs.open_input_stream(path) as f:
+        with storage_errors(uri), fs.open_input_stream(path) as f:
             yield f  # type: ignore[misc]
 
     def write(self, uri: str, data: bytes) -> None:
         fs, path = self.filesystem(uri)
-        with arrow_errors(uri), fs.open_output_stream(path) as f:
+        with storage_errors(uri), fs.open_output_stream(path) as f:
             f.write(data)
 
     def upload(self, path: str, uri: str) -> None:
         """Copy the local file ``path`` to ``uri``."""
         fs, dest = self.filesystem(uri)
-        with arrow_errors(uri), open(path, "rb") as src, fs.open_output_stream(dest) as dst:
+        with storage_errors(uri), open(path, "rb") as src, fs.open_output_stream(dest) as dst:
             shutil.copyfileobj(src, dst, _COPY_BYTES)  # type: ignore[misc]
 
     def download(self, uri: str, path: str) -> None:
         fs, src_path = self.filesystem(uri)
-        with arrow_errors(uri), fs.open_input_stream(src_path) as src, open(path, "wb") as dst:
+        with storage_errors(uri), fs.open_input_stream(src_path) as src, open(path, "wb") as dst:
             shutil.copyfileobj(src, dst, _COPY_BYTES)  # type: ignore[misc]
 
     def exists(self, uri: str) -> bool:
@@ -123,7 +130,7 @@ class Backend:
         import pyarrow.fs as pafs
 
         fs, path = self.filesystem(uri)
-        with arrow_errors(uri):
+        with storage_errors(uri):
             return fs.get_file_info(path).type != pafs.FileType.NotFound
 
     def list(self, prefix: str) -> dict[str, int]:
@@ -131,7 +138,7 @@ class Backend:
         import pyarrow.fs as pafs
 
         fs, path = self.filesystem(prefix)
-        with arrow_errors(prefix):
+        with storage_errors(prefix):
             top = fs.get_file_info(path)
             infos = [top] if top.type == pafs.FileType.File else fs.get_file_info(
                 pafs.FileSelector(path, recursive=True, allow_not_found=True))
@@ -140,7 +147,7 @@ class Backend:
     def delete(self, uri: str) -> None:
         """Delete one object."""
         fs, path = self.filesystem(uri)
-        with arrow_errors(uri):
+        with storage_errors(uri):
             fs.delete_file(path)
 
     def delete_prefix(self, prefix: str) -> int:
@@ -148,7 +155,7 @@ class Backend:
         import pyarrow.fs as pafs
 
         n, (fs, path) = len(self.list(prefix)), self.filesystem(prefix)
-        with arrow_errors(prefix):
+        with storage_errors(prefix):
             kind = fs.get_file_info(path).type
             if kind == pafs.FileType.Directory:
                 fs.delete_dir(path)

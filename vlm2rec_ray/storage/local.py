@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vlm2rec_ray.storage.base import Backend, arrow_errors
+from vlm2rec_ray.storage.base import Backend, storage_errors
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -65,7 +65,7 @@ class LocalBackend(Backend):
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         try:
-            with arrow_errors(what or uri):
+            with storage_errors(what or uri):
                 fill(tmp)
             os.replace(tmp, dest)
         finally:

@@ -1,18 +1,12 @@
 """S3 retries as a run-level metric: counted per process, exported as a Ray metric, summed per job on demand.
 
-Counted, exactly, in the process that makes them: botocore's retries (attempts after the first: 5xx,
-throttling, dropped connections, timeouts) of the clients of :func:`~vlm2rec_ray.storage.s3.s3_client` (image
-GETs, model downloads, uploads with ``upload_file``'s threads, manifests), via the ``request-created`` hook
-:func:`count_retry`. Not counted: pyarrow's S3 client (Ray Data's reads, ``read_parquet``/``open_parquet``,
-listings, deletes, Ray Train checkpoints: no hook) and s3transfer's re-GET of a download whose body broke off
-(a new request). Each process keeps its total (:func:`local_retries`) and adds to the Ray ``Counter``
+Counted in the process that makes them: botocore's retries (5xx, throttling, dropped connections, timeouts) of
+the clients of :func:`~vlm2rec_ray.storage.s3.s3_client` (image GETs, model downloads, uploads, manifests), via
+the ``request-created`` hook :func:`count_retry`. Not counted: pyarrow's S3 client (Ray Data's reads, listings,
+deletes, Ray Train checkpoints: no hook). Each process keeps its total and adds to the Ray ``Counter``
 ``vlm2rec_storage_retries`` (tag ``JobId``; Prometheus ``ray_vlm2rec_storage_retries_total``).
-
-:func:`job_retries` is this process's total plus the other processes' counters as their node's metrics agent
-holds them: approximate, and only ever low. Workers export every ``metrics_report_interval_ms`` (10 s by
-default), so the last interval may not be there yet, and a worker's last increments can be lost when it exits
-soon after them (Ray ends idle task workers and a Dataset's actors; seen for 2 of about 100 increments made
-just before an exit on a loaded 2-core box, never for a live worker).
+:func:`job_retries` is a lower bound: workers export every ``metrics_report_interval_ms``, and a worker's
+last increments can be lost when it exits right after them (2 of ~100 in a test on a loaded 2-core box).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from vlm2rec_ray.storage import retries
-from vlm2rec_ray.storage.base import Backend, StorageError
+from vlm2rec_ray.storage.base import Backend, StorageError, storage_errors
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -25,8 +25,6 @@ PART_BYTES = 16 << 20
 UPLOAD_THREADS = 4
 _CLIENTS: dict[tuple[str | None, int, float], Any] = {}
 _LOCK = threading.Lock()
-_MISSING = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
-_DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
 
 
 def endpoint_url(explicit: str | None = None) -> str | None:
@@ -70,25 +68,6 @@ def split(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-@contextlib.contextmanager
-def _errors(uri: str) -> Iterator[None]:
-    """boto3/s3transfer exceptions as :class:`StorageError` with a reason from their error code."""
-    try:
-        yield
-    except StorageError:
-        raise
-    except Exception as e:
-        resp = getattr(e, "response", None)
-        code = str(resp.get("Error", {}).get("Code", "")) if isinstance(resp, dict) else ""
-        text = f"{code} {e}"
-        if code in _MISSING or any(f"({c})" in text for c in _MISSING):
-            raise StorageError(f"object not found: {uri} ({code or 'NoSuchKey'})", reason="missing") from e
-        if code in _DENIED or any(f"({c})" in text for c in _DENIED):
-            raise StorageError(f"access denied to {uri} ({code or 'AccessDenied'}); check the credentials "
-                               "for this bucket", "denied") from e
-        raise StorageError(f"S3 request for {uri} failed: {type(e).__name__}: {e}", reason="io_error") from e
-
-
 class S3Backend(Backend):
     """S3: pyarrow's S3FileSystem for tables, listings and deletes; boto3 (one cached client per endpoint, its
     retries counted) for reads, writes and transfers."""
@@ -106,7 +85,7 @@ class S3Backend(Backend):
         bucket, key = split(uri)
         if not key or key.endswith("/"):
             raise StorageError(f"{uri} names a bucket or prefix, not an object", reason="missing")
-        with _errors(uri):  # one GET: the size check uses the response's Content-Length before the body is read
+        with storage_errors(uri, Exception):  # one GET: the size cap reads Content-Length before the body
             resp = self.client.get_object(Bucket=bucket, Key=key)
             if max_bytes is not None and int(resp.get("ContentLength", -1)) > max_bytes:
                 resp["Body"].close()
@@ -116,25 +95,25 @@ class S3Backend(Backend):
     @contextlib.contextmanager
     def open(self, uri: str) -> Iterator[BinaryIO]:
         bucket, key = split(uri)
-        with _errors(uri):
+        with storage_errors(uri, Exception):
             body = self.client.get_object(Bucket=bucket, Key=key)["Body"]
         with contextlib.closing(body):
             yield body
 
     def write(self, uri: str, data: bytes) -> None:
         bucket, key = split(uri)
-        with _errors(uri):
+        with storage_errors(uri, Exception):
             self.client.put_object(Bucket=bucket, Key=key, Body=data)
 
     def upload(self, path: str, uri: str) -> None:
         from boto3.s3.transfer import TransferConfig
 
         cfg = TransferConfig(multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES, max_concurrency=UPLOAD_THREADS)
-        with _errors(uri):
+        with storage_errors(uri, Exception):
             self.client.upload_file(str(path), *split(uri), Config=cfg)
 
     def download(self, uri: str, path: str) -> None:
-        with _errors(uri):
+        with storage_errors(uri, Exception):
             self.client.download_file(*split(uri), str(path))
 
     def filesystem(self, uri: str) -> tuple[pyarrow.fs.FileSystem, str]:

@@ -17,7 +17,7 @@ import pytest
 from tests.faults import FaultPlan, FaultProxy
 from vlm2rec_ray import storage
 from vlm2rec_ray.embed import inputs, stages
-from vlm2rec_ray.embed.schema import item_schema, row_schema, rows
+from vlm2rec_ray.embed.schema import output_schema, row_schema, rows
 from vlm2rec_ray.embed.sink import Route, RowSink
 from vlm2rec_ray.embed.snapshot import SnapshotRun
 
@@ -53,7 +53,7 @@ def test_snapshot_sink_routes_by_status_and_counts(tmp_path: Path) -> None:
     assert (c["texts_encoded"], c["images_encoded"], res["reasons"]) == (1, 1, {"missing": 1})
     run = tmp_path / "items" / "dt=2026-01-01" / "run=r1"
     data = pq.read_table(run / "part-00000.parquet")
-    assert data.schema.remove_metadata() == item_schema(DIM) and data.column("item_id").to_pylist() == ["a", "b", "c"]
+    assert data.schema.remove_metadata() == output_schema("items", DIM) and data.column("item_id").to_pylist() == ["a", "b", "c"]
     errors = pq.read_table(run / "_errors" / "part-00000.parquet")
     assert errors.column("item_id").to_pylist() == ["d"] and errors.column("reason").to_pylist() == ["missing"]
     assert [f["rows"] for f in res["files"]["data"]] == [3] and [f["rows"] for f in res["files"]["errors"]] == [1]

@@ -11,39 +11,41 @@ import pytest
 
 from vlm2rec_ray.embed.schema import (
     ERROR_REASONS,
-    ITEM_COLUMNS,
-    SEQUENCE_COLUMNS,
     errors_schema,
     fixed_size_list,
-    item_schema,
     output_schema,
-    sequence_schema,
 )
+
+TAIL = ("emb_text", "emb_image", "emb_fused", "content_hash", "model_id", "model_version", "embedded_at")
 
 
 def test_item_and_sequence_schemas() -> None:
-    s = item_schema(8)
-    assert tuple(s.names) == ITEM_COLUMNS
+    s = output_schema("items", 8)
+    assert tuple(s.names) == ("item_id", *TAIL)
     assert s.field("emb_fused").type == pa.list_(pa.field("element", pa.float32(), nullable=False), 8)
     assert str(s.field("emb_text").type) == "fixed_size_list<element: float not null>[8]"
     assert s.field("embedded_at").type == pa.timestamp("us", tz="UTC")
     assert all(not f.nullable for f in s)
-    q = sequence_schema(8)
-    assert tuple(q.names) == SEQUENCE_COLUMNS and pa.types.is_list(q.field("history").type)
-    assert output_schema("items", 8) == s and output_schema("sequences", 8) == q
+    q = output_schema("sequences", 8)
+    assert tuple(q.names) == ("user_id", "history", *TAIL) and pa.types.is_list(q.field("history").type)
+    assert all(not f.nullable for f in q)
     with pytest.raises(ValueError, match="unknown embedding kind"):
         output_schema("users", 8)
     with pytest.raises(ValueError, match="dim must be >= 1"):
-        item_schema(0)
-    assert errors_schema("items").names[:3] == ["item_id", "title", "image_uri"]
-    assert "item_id" in errors_schema("sequences").names and "user_id" in errors_schema("sequences").names
+        output_schema("items", 0)
+    with pytest.raises(ValueError, match="unknown embedding kind"):
+        errors_schema("users")
+    tail = ["title", "image_uri", "reason", "detail", "model_version", "failed_at"]
+    assert errors_schema("items").names == ["item_id", *tail]
+    assert errors_schema("sequences").names == ["user_id", "history", "item_id", *tail]
+    assert [f.name for f in errors_schema("items") if not f.nullable] == ["reason", "model_version", "failed_at"]
     assert {"missing", "corrupt", "empty_title", "unknown_item", "encode_error"} <= set(ERROR_REASONS)
 
 
 def test_parquet_round_trip_is_exact(tmp_path: Path) -> None:
     """What we write is what plain pyarrow reads back: same schema, same float bits."""
     emb = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
-    schema = item_schema(8)
+    schema = output_schema("items", 8)
     now = pa.scalar(0, pa.timestamp("us", tz="UTC"))
     table = pa.Table.from_arrays([
         pa.array(["a", "b", "c"]), fixed_size_list(emb, 8), fixed_size_list(emb * 2, 8), fixed_size_list(emb * 3, 8),

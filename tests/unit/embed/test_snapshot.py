@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from vlm2rec_ray.embed import snapshot as snap
-from vlm2rec_ray.embed.schema import fixed_size_list, item_schema
+from vlm2rec_ray.embed.schema import fixed_size_list, output_schema
 
 DIM = 4
 
@@ -23,7 +23,7 @@ def _table(ids: list[str], value: float) -> pa.Table:
         pa.array(ids), fixed_size_list(emb, DIM), fixed_size_list(emb, DIM), fixed_size_list(emb * 2, DIM),
         pa.array(["h"] * n), pa.array(["m"] * n), pa.array(["v"] * n),
         pa.array([0] * n, pa.timestamp("us", tz="UTC")),
-    ], schema=item_schema(DIM))
+    ], schema=output_schema("items", DIM))
 
 
 def _write_run(root: Path, dt: str, run_id: str, parts: list[pa.Table]) -> dict:
@@ -49,7 +49,7 @@ def test_manifest_is_the_snapshot(tmp_path: Path) -> None:
         snap.read_embeddings(str(root))
     assert _publish(str(root), "2026-01-01", m1) is None
     t = snap.read_embeddings(str(root))
-    assert t.num_rows == 3 and t.schema == item_schema(DIM)
+    assert t.num_rows == 3 and t.schema == output_schema("items", DIM)
     # Plain pyarrow reads the files the manifest lists, and the dataset (it skips _manifest.json, _errors).
     manifest = json.loads((root / "dt=2026-01-01" / "_manifest.json").read_text())
     assert sum(pq.read_table(root / "dt=2026-01-01" / f["path"]).num_rows for f in manifest["files"]) == 3
@@ -104,7 +104,7 @@ def test_empty_snapshot_and_errors(tmp_path: Path) -> None:
          "error_files": [], "num_rows": 0, "schema": {"embedding_dim": DIM}}
     _publish(root, "2026-01-01", m)
     t = snap.read_embeddings(root)
-    assert t.num_rows == 0 and t.schema == item_schema(DIM)
+    assert t.num_rows == 0 and t.schema == output_schema("items", DIM)
     assert snap.read_errors(root).num_rows == 0
 
 
