@@ -120,11 +120,7 @@ def classify(index: KeyIndex | None, ids: Sequence[str | None], hashes: Sequence
 
 def build_index_from_files(files: Sequence[str], key: str, *, endpoint: str | None) -> KeyIndex:
     """A :class:`KeyIndex` of Parquet files' ``key`` and ``content_hash`` columns, streamed by row group (run it
-    in a Ray task: the arrays go to the object store).
-
-    Raises:
-        StorageError: a file is missing or unreadable.
-    """
+    in a Ray task: the arrays go to the object store)."""
     from vlm2rec_ray import storage
 
     ks, vs = [np.zeros(0, np.uint64)], [np.zeros(0, np.uint64)]

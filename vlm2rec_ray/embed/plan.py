@@ -66,13 +66,8 @@ class RunPlan:
 
 
 def resolve_paths(cfg: EmbedJobConfig) -> EmbedJobConfig:
-    """The config with local paths absolute and the endpoint explicit, fixed on the driver.
-
-    Ray tasks and actors may run in another working directory (a job's runtime_env, a worker started before
-    the driver changed directory) and with an environment that predates the driver's ``AWS_ENDPOINT_URL``,
-    so relative ``dataset_uri`` / ``catalog_uri`` / ``output_uri`` / ``model.name`` (an existing local
-    directory; hub ids stay as they are) and an implicit endpoint would mean something else there.
-    """
+    """The config with local paths (``*_uri``, a local ``model.name``) absolute and the endpoint explicit, fixed
+    on the driver: Ray workers may run in another directory, with an environment older than the driver's."""
     update: dict[str, Any] = {"output_uri": storage.absolute(cfg.output_uri)}
     for name in ("dataset_uri", "catalog_uri"):
         if getattr(cfg, name) is not None:

@@ -125,12 +125,8 @@ def _finish(rows: list[_Row], opts: dict[str, Any], kind: str) -> pa.Table:
 
 def prepare_items(batch: pa.Table, *, opts: dict[str, Any]) -> pa.Table:
     """Catalog rows (``item_id``, ``title``, ``image_uri`` [, ``path``]) -> rows to encode (or scan rows).
-
-    ``opts`` (plain values, built by ``RunPlan.opts``): ``mode`` (``encode``/``scan``), ``dim``, ``catalog_uri``
-    and ``sources`` (Ray's ``path`` -> catalog URI, to resolve relative image URIs), ``endpoint``,
-    ``max_image_bytes``, ``allowed_roots``, ``allow_private_addresses``, ``fetch_threads``, ``min_pixels``,
-    ``max_pixels``, ``fingerprint``, ``prev_index`` (``[ObjectRef]`` of a :class:`KeyIndex`, scan mode).
-    """
+    ``opts``: :meth:`~vlm2rec_ray.embed.plan.RunPlan.opts` (``sources``: Ray's ``path`` -> catalog URI, to resolve
+    relative image URIs; scan mode: ``prev_index``, ``[ObjectRef]`` of the last snapshot's :class:`KeyIndex`)."""
     ids, titles, uris = (batch.column(c).to_pylist() for c in ("item_id", "title", "image_uri"))
     paths = batch.column("path").to_pylist() if "path" in batch.column_names else [None] * len(ids)
     rows = []

@@ -1,9 +1,8 @@
 """The Ray Data sink of the embed job: rows of the row contract routed by status into Parquet files, counted.
 
 Each write task streams each :class:`Route`'s rows (a snapshot's data and errors tables; the incremental
-scan's staging) into ``<route.uri>/part-<task>.parquet`` and returns its files and counts, which
-:meth:`RowSink.on_write_complete` adds up on the driver. A retried task overwrites its own file (named by the
-task index); a file is spooled locally and copied to its store when complete, so it appears only whole.
+scan's staging) into ``<route.uri>/part-<task>.parquet`` (spooled locally, copied when complete: it appears only
+whole; a retried task overwrites its own file) and returns its files and counts, added up on the driver.
 """
 
 from __future__ import annotations
@@ -37,43 +36,6 @@ class Route:
     statuses: tuple[str, ...]
     schema: pa.Schema
     to_file: Callable[[pa.Table], pa.Table] | None = None
-
-
-class _PartWriter:
-    """One Parquet file written incrementally into a local spool file, copied to its store on :meth:`close`."""
-
-    def __init__(self, uri: str, schema: pa.Schema, endpoint: str | None) -> None:
-        self.uri, self.schema, self.endpoint = uri, schema, endpoint
-        self.rows = 0
-        self._writer: Any = None
-        self._spool = ""
-
-    def write(self, table: pa.Table) -> None:
-        if table.num_rows == 0:
-            return
-        if self._writer is None:
-            fd, self._spool = tempfile.mkstemp(prefix="vlm2rec-part-", suffix=".parquet")
-            os.close(fd)
-            self._writer = pq.ParquetWriter(self._spool, self.schema, compression="zstd")
-        self._writer.write_table(table if table.schema.equals(self.schema) else table.cast(self.schema))
-        self.rows += table.num_rows
-
-    def close(self) -> int:
-        """Finish the file and copy it to its store; returns its size in bytes (0: nothing was written)."""
-        if self._writer is None:
-            return 0
-        self._writer.close()
-        try:
-            return storage.put_file(self._spool, self.uri, endpoint=self.endpoint)
-        finally:
-            os.unlink(self._spool)
-
-    def abort(self) -> None:
-        if self._writer is not None:
-            with contextlib.suppress(Exception):
-                self._writer.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._spool)
 
 
 def coalesced(batch: pa.Table) -> pa.Table:
@@ -111,21 +73,22 @@ class RowSink(Datasink):
 
     def write(self, blocks: Iterable[Any], ctx: TaskContext) -> dict[str, Any]:
         name = f"part-{ctx.task_idx:05d}.parquet"
-        writers = {k: _PartWriter(storage.join(r.uri, name), r.schema, self.endpoint) for k, r in self.routes.items()}
         counts: Counter[str] = Counter()
         reasons: Counter[str] = Counter()
+        rows = dict.fromkeys(self.routes, 0)
         stamps: list[EncodeTimeline | None] = []
-        try:
+        with tempfile.TemporaryDirectory(prefix="vlm2rec-part-") as spool, contextlib.ExitStack() as stack:
+            writers = {k: stack.enter_context(pq.ParquetWriter(os.path.join(spool, k), r.schema, compression="zstd"))
+                       for k, r in self.routes.items()}
             for block in blocks:
                 t = BlockAccessor.for_block(block).to_arrow()
-                if t.num_rows == 0:
-                    continue
-                routed = 0
                 for key, route in self.routes.items():
                     part = t.filter(pc.is_in(t.column("status"), value_set=pa.array(route.statuses, pa.string())))
-                    writers[key].write(route.to_file(part) if route.to_file else part)
-                    routed += part.num_rows
-                if routed != t.num_rows:
+                    if part.num_rows:
+                        part = route.to_file(part) if route.to_file else part
+                        writers[key].write_table(part if part.schema.equals(route.schema) else part.cast(route.schema))
+                        rows[key] += part.num_rows
+                if sum(rows.values()) != counts["rows"] + t.num_rows:
                     raise AssertionError(f"rows with unrouted status: {pc.unique(t.column('status')).to_pylist()}")
                 counts["rows"] += t.num_rows
                 counts.update(dict(_value_counts(t.column("status"))))
@@ -136,13 +99,15 @@ class RowSink(Datasink):
                 for c in ("in_prev", "texts_encoded", "images_encoded"):
                     counts[c] += int(pc.sum(pc.cast(t.column(c), pa.int64())).as_py() or 0)
                 stamps.append(EncodeTimeline.of(t))
-            files = {k: [{"uri": w.uri, "rows": w.rows, "bytes": w.close()}] if w.rows else []
-                     for k, w in writers.items()}
-        except BaseException:
-            for w in writers.values():
-                w.abort()
-            raise
-        return {"files": files, "counts": dict(counts), "reasons": dict(reasons), "timeline": EncodeTimeline.merge(stamps)}
+            files: dict[str, list[dict[str, Any]]] = {k: [] for k in self.routes}
+            for k, w in writers.items():  # each file spooled locally, copied to its store complete (appears whole)
+                w.close()
+                if rows[k]:
+                    uri = storage.join(self.routes[k].uri, name)
+                    size = storage.put_file(os.path.join(spool, k), uri, endpoint=self.endpoint)
+                    files[k].append({"uri": uri, "rows": rows[k], "bytes": size})
+        return {"files": files, "counts": dict(counts), "reasons": dict(reasons),
+                "timeline": EncodeTimeline.merge(stamps)}
 
     def on_write_complete(self, write_result: WriteResult) -> None:
         results = [r for r in write_result.write_returns if r]
