@@ -22,55 +22,23 @@ if TYPE_CHECKING:
 __all__ = ["read_embedding_table", "run_evaluation"]
 
 
-def _snapshot_files(uri: str, endpoint: str | None) -> dict[str, list[str]]:
-    """``{dt: [parquet file URIs]}`` for the ``dt=`` partitions directly under ``uri`` ("" = unpartitioned).
-
-    Hidden (``.``/``_``-prefixed) paths and anything under an ``errors`` folder are not embeddings.
-    """
-    root = storage.absolute(uri).rstrip("/") + "/"
-    out: dict[str, list[str]] = {}
-    for f in storage.list_uris(uri, endpoint=endpoint, suffix=".parquet"):
-        rel = f[len(root):] if f.startswith(root) else f.rsplit("/", 1)[-1]
-        parts = rel.split("/")
-        if any(p.startswith((".", "_")) or "error" in p.lower() for p in parts):
-            continue
-        dt = parts[0][3:] if len(parts) > 1 and parts[0].startswith("dt=") else ""
-        out.setdefault(dt, []).append(f)
-    return out
-
-
 def read_embedding_table(uri: str, dt: str | None = None, *, endpoint: str | None = None) -> pa.Table:
-    """An embedding snapshot as one table.
-
-    Uses the embed job's reader (:func:`vlm2rec_ray.embed.snapshot.read_embeddings`, which honours its
-    manifest) when it is installed; otherwise reads Parquet directly: ``uri`` itself if it is a file, else
-    the ``dt=<dt>`` partition under ``uri`` (default: the latest one, or ``uri``'s files when it is not
-    partitioned). Errors tables and hidden files are skipped.
+    """An embedding snapshot as one table: ``uri`` itself if it is a Parquet file, else the snapshot ``dt``
+    (default: the latest) under ``uri`` through :func:`vlm2rec_ray.embed.snapshot.read_embeddings` (the embed
+    job's manifest; a ``dt=`` partition of plain Parquet files written by another tool; errors tables and hidden
+    files skipped).
 
     Raises:
         FileNotFoundError: nothing there, or no such ``dt``.
     """
-    import pyarrow as pa
+    from vlm2rec_ray.embed.snapshot import read_embeddings
 
+    if not uri.endswith(".parquet"):
+        return read_embeddings(uri, dt, endpoint=endpoint)
     try:
-        from vlm2rec_ray.embed.snapshot import read_embeddings
-    except ImportError:
-        read_embeddings = None
-    if read_embeddings is not None and not uri.endswith(".parquet"):
-        return read_embeddings(uri, dt)
-    try:
-        if uri.endswith(".parquet"):
-            return storage.read_parquet(uri, endpoint=endpoint)
-        snapshots = _snapshot_files(uri, endpoint) if storage.exists(uri, endpoint=endpoint) else {}
+        return storage.read_parquet(uri, endpoint=endpoint)
     except storage.StorageError as e:
         raise FileNotFoundError(f"no embeddings at {uri}: {e}; run `vlm2rec embed` first or fix the URI") from e
-    if not snapshots:
-        raise FileNotFoundError(f"no embeddings at {uri} (no Parquet files); run `vlm2rec embed` first or fix the URI")
-    if dt is None:
-        dt = max(snapshots)
-    if dt not in snapshots:
-        raise FileNotFoundError(f"no snapshot dt={dt} under {uri}; available: {sorted(k for k in snapshots if k)}")
-    return pa.concat_tables([storage.read_parquet(f, endpoint=endpoint) for f in snapshots[dt]], promote_options="default")
 
 
 def _log(progress: Callable[[str], None] | None, msg: str) -> None:
