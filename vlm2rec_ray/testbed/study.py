@@ -215,6 +215,7 @@ def _init_worker() -> None:
 
     import torch
 
+    _die_with_parent()
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore")
@@ -223,6 +224,16 @@ def _init_worker() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+
+
+def _die_with_parent() -> None:
+    """Linux: this process gets SIGTERM when the study process dies (even by SIGKILL), so no run goes on alone."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _data(uri: str, min_pixels: int, max_pixels: int) -> Any:
@@ -367,6 +378,10 @@ def run_study(cfg: StudyConfig, *, progress: Callable[[str], None] = print) -> d
             finals_specs += [spec("final", name, variant, ovr, point, s, ["valid", "test"], task2=cfg.task2)
                              for s in cfg.final_seeds]
         finals = execute(finals_specs, "final runs")
+    except BaseException:  # Ctrl-C or a failed run: stop the runs in flight instead of waiting minutes for them
+        for p in list((getattr(pool, "_processes", None) or {}).values()):
+            p.terminate()
+        raise
     finally:
         pool.shutdown(cancel_futures=True)
     result = _summarise(cfg, backbone, tuning, chosen, finals, entries)

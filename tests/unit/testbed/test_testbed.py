@@ -262,3 +262,43 @@ def test_transfer_and_few_shot_figures(tmp_path: Path) -> None:
             assert im.format == "PNG" and im.width > 400
     text = format_study(result)
     assert "Cross-domain, zero-shot" in text and "| SFT | 0.3000 ± 0.0100 |" in text and "Few shot" in text
+
+
+def test_study_workers_die_with_the_study_process(tmp_path: Path) -> None:
+    """A study killed hard (SIGKILL) leaves no pool worker running its current run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import multiprocessing, os, sys, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from vlm2rec_ray.testbed.study import _init_worker\n"
+        "if __name__ == '__main__':\n"
+        "    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn'), initializer=_init_worker)\n"
+        "    print(pool.submit(os.getpid).result(), flush=True)\n"
+        "    pool.submit(time.sleep, 600)\n"
+        "    time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(parent.stdout.readline())  # type: ignore[union-attr]
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                break
+            with open(f"/proc/{worker}/stat") as f:
+                if f.read().split(") ")[1][0] == "Z":  # exited, waiting to be reaped
+                    break
+            time.sleep(0.2)
+        else:
+            os.kill(worker, signal.SIGKILL)
+            raise AssertionError(f"pool worker {worker} outlived the killed study process")
+    finally:
+        parent.kill()
