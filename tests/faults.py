@@ -4,6 +4,9 @@ It forwards every request to an upstream (the moto S3 server) and, on a seeded s
 them with HTTP 500/503, delays them, or drops the connection without answering. Clients (boto3, pyarrow,
 Ray Data) see the same kinds of faults a real S3 endpoint produces under load. With all rates at 0 it is a
 recording proxy: ``plan.requests`` lists every request it received (the GET count per object).
+
+:class:`RecordingServer` is a plain HTTP origin that records what it is asked (and redirects ``/r``): the image
+fetcher's tests use it to show what was, and was not, requested.
 """
 
 from __future__ import annotations
@@ -157,3 +160,41 @@ class FaultProxy:
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+class RecordingServer:
+    """An HTTP server on 127.0.0.1 that records each request's path, answers ``body``, and redirects ``/r`` to
+    ``redirect_to``. Use as a context manager (or call :meth:`close`)."""
+
+    def __init__(self, redirect_to: str = "", body: bytes = b"") -> None:
+        self.requests: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                outer.requests.append(self.path)
+                redirect = self.path == "/r"
+                self.send_response(302 if redirect else 200)
+                if redirect:
+                    self.send_header("Location", redirect_to)
+                self.send_header("Content-Length", "0" if redirect else str(len(body)))
+                self.end_headers()
+                if not redirect:
+                    self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self) -> RecordingServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.faults import FaultPlan, FaultProxy
+from tests.faults import FaultPlan, FaultProxy, RecordingServer
 from vlm2rec_ray import storage
 from vlm2rec_ray.config import ConfigError, EmbedJobConfig, load_config
 
@@ -314,40 +314,6 @@ def test_hostile_rows_embedded_or_errors_with_reason(local_ds: Path, ray_local: 
         assert k in set(data.column("item_id").to_pylist())
 
 
-class _Recorder:
-    """An HTTP server on 127.0.0.1 that records each request's path; ``/r`` redirects to ``redirect_to``."""
-
-    def __init__(self, redirect_to: str = "", body: bytes = b"") -> None:
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        self.requests: list[str] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                outer.requests.append(self.path)
-                redirect = self.path == "/r"
-                self.send_response(302 if redirect else 200)
-                if redirect:
-                    self.send_header("Location", redirect_to)
-                self.send_header("Content-Length", "0" if redirect else str(len(body)))
-                self.end_headers()
-                if not redirect:
-                    self.wfile.write(body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def test_rows_outside_the_dataset_are_errors_and_never_read(local_ds: Path, ray_local: Any, tiny_backbone_dir: Path,
                                                             tmp_path: Path) -> None:
     """Default roots: a row pointing at a local file outside the catalog's dataset, at http://127.0.0.1:<port>/ or
@@ -358,8 +324,8 @@ def test_rows_outside_the_dataset_are_errors_and_never_read(local_ds: Path, ray_
     from vlm2rec_ray.embed import read_embeddings, read_errors, run_embed_items
 
     good = next((local_ds / "images").glob("*.png")).read_bytes()
-    target = _Recorder(body=good)  # the "internal" host a row or a redirect points at
-    hop = _Recorder(redirect_to=f"{target.url}/secret.png", body=good)
+    target = RecordingServer(body=good)  # the "internal" host a row or a redirect points at
+    hop = RecordingServer(redirect_to=f"{target.url}/secret.png", body=good)
     fifo = tmp_path / "outside" / "secret.png"  # outside the dataset: opening it for reading would unblock `opened`
     fifo.parent.mkdir()
     os.mkfifo(fifo)

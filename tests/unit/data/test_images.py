@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.faults import RecordingServer
 from vlm2rec_ray.data.images import (
     REASONS,
     decode_image,
@@ -134,45 +135,8 @@ def test_jpeg_draft_keeps_quality_for_big_photos() -> None:
     assert abs(r - 200) < 6 and abs(g - 100) < 6 and abs(b - 50) < 6
 
 
-class _Server:
-    """An HTTP server on 127.0.0.1 that records every request; ``/r`` redirects to ``redirect_to``."""
-
-    def __init__(self, redirect_to: str = "") -> None:
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        self.requests: list[str] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                outer.requests.append(self.path)
-                if self.path == "/r":
-                    self.send_response(302)
-                    self.send_header("Location", redirect_to)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                body = _png(8, 8)
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def test_http_is_off_unless_a_root_allows_it_and_private_hosts_are_refused(tmp_path: Path) -> None:
-    srv = _Server()
+    srv = RecordingServer(body=_png(8, 8))
     try:
         url = f"{srv.url}/img.png"
         # A job's default roots are its dataset's prefix: an http(s) URL is outside them, and nothing is requested.
@@ -190,14 +154,14 @@ def test_http_is_off_unless_a_root_allows_it_and_private_hosts_are_refused(tmp_p
 
 
 def test_redirects_never_leave_the_origin(tmp_path: Path) -> None:
-    target = _Server()
-    hop = _Server(redirect_to=f"{target.url}/secret.png")
-    same = _Server()
+    target = RecordingServer(body=_png(8, 8))
+    hop = RecordingServer(redirect_to=f"{target.url}/secret.png", body=_png(8, 8))
+    same = RecordingServer(body=_png(8, 8))
     try:
         kw = {"allowed_roots": [hop.url, target.url], "allow_private_addresses": True}
         assert fetch_image_bytes(f"{hop.url}/r", **kw) == (None, "outside_root")  # another host:port, both allowed
         assert hop.requests == ["/r"] and target.requests == []  # the redirect was not followed
-        same_hop = _Server(redirect_to="/img.png")  # a redirect on the same origin is followed
+        same_hop = RecordingServer(redirect_to="/img.png", body=_png(8, 8))  # a redirect on the same origin is followed
         try:
             data, reason = fetch_image_bytes(f"{same_hop.url}/r", allowed_roots=[same_hop.url],
                                              allow_private_addresses=True)
