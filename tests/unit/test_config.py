@@ -8,6 +8,7 @@ import pytest
 
 from vlm2rec_ray.config import (
     ConfigError,
+    IcebergConfig,
     LoraConfig,
     ModelConfig,
     ObjectiveConfig,
@@ -86,3 +87,19 @@ def test_objective_variant_is_checked_against_the_registry() -> None:
         assert load_config(ObjectiveConfig, None, ["variant=my_loss"]).variant == "my_loss"
     finally:
         del OBJECTIVES["my_loss"]
+
+
+def test_iceberg_catalog_refuses_credentials(tmp_path: Path) -> None:
+    def load(catalog: dict[str, str]) -> IcebergConfig:  # YAML: pyiceberg's keys have dots ("s3.region")
+        f = tmp_path / "iceberg.yaml"
+        f.write_text("catalog:\n" + "".join(f"  {k!r}: {v!r}\n" for k, v in catalog.items()))
+        return load_config(IcebergConfig, f)
+
+    ok = {"type": "rest", "uri": "https://polaris:8181/api/catalog", "warehouse": "prod", "s3.region": "eu-west-1"}
+    assert load(ok).catalog == ok
+    for key in ("s3.secret-access-key", "token", "credential", "s3.session-token", "password", "s3.access-key-id"):
+        with pytest.raises(ConfigError, match=r"iceberg.catalog holds credentials .*PYICEBERG_CATALOG__"):
+            load({"type": "rest", key: "x"})
+    with pytest.raises(ConfigError, match=r"user:password@ in a URI"):
+        load({"type": "sql", "uri": "postgresql+psycopg2://app:hunter2@db:5432/iceberg"})
+    assert load({"type": "sql", "uri": "postgresql+psycopg2://db:5432/iceberg"}).catalog["type"] == "sql"
