@@ -74,10 +74,10 @@ def connect_ray(address: str | None = None) -> None:
         init_local_ray()
 
 
-def job_metric(name: str, timeout_s: float = 5.0) -> int | None:
-    """The sum of the Ray Counter ``name`` over every process of this job, as last exported to each node's metrics
-    agent (workers export every ``metrics_report_interval_ms``), except this process's own series; ``None`` when
-    Ray is not running here or no node's metrics endpoint answers. Counters must carry a ``JobId`` tag."""
+def job_metric(name: str, timeout_s: float = 5.0) -> dict[str, int] | None:
+    """The Ray Counter ``name`` of every process of this job by Ray worker id, as last exported to each node's
+    metrics agent (workers export every ``metrics_report_interval_ms``), except this process's own series; ``None``
+    when Ray is not running here or no node's metrics endpoint answers. Counters must carry a ``JobId`` tag."""
     import urllib.request
 
     import ray
@@ -86,7 +86,8 @@ def job_metric(name: str, timeout_s: float = 5.0) -> int | None:
     if not ray.is_initialized():
         return None
     ctx = ray.get_runtime_context()
-    job, me, total, answered = ctx.get_job_id(), ctx.get_worker_id(), 0, False
+    job, me, answered = ctx.get_job_id(), ctx.get_worker_id(), False
+    series: dict[str, int] = {}
     for node in ray.nodes():
         if not node.get("Alive") or not node.get("MetricsExportPort"):
             continue
@@ -99,9 +100,11 @@ def job_metric(name: str, timeout_s: float = 5.0) -> int | None:
         answered = True
         for family in text_string_to_metric_families(text):
             if family.name.removesuffix("_total") == f"ray_{name}":
-                total += sum(int(s.value) for s in family.samples if s.name.endswith("_total")
-                             and s.labels.get("JobId") == job and s.labels.get("WorkerId") != me)
-    return total if answered else None
+                for s in family.samples:
+                    worker = s.labels.get("WorkerId", "?")
+                    if s.name.endswith("_total") and s.labels.get("JobId") == job and worker != me:
+                        series[worker] = series.get(worker, 0) + int(s.value)
+    return series if answered else None
 
 
 def init_local_ray(num_cpus: int | None = None, **kwargs: Any) -> Any:

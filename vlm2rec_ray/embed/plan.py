@@ -45,7 +45,7 @@ class RunPlan:
     deterministic: bool
     previous: dict[str, Any] | None = None
     catalog_ref: Any = None  # ObjectRef of the sequences' CatalogLookup
-    retries_at_start: int | None = None  # the job's S3 retries when the run began (storage.retries.job_retries)
+    retries_at_start: dict[str, int] | None = None  # the job's S3 retries when the run began, by process
     table: Any = None  # output_format=iceberg: the pyiceberg Table (embed/iceberg.py)
     carry: bool = True  # an incremental run copies unchanged rows into the snapshot (not into an Iceberg table)
 

@@ -14,7 +14,7 @@ from vlm2rec_ray.config import config_hash
 from vlm2rec_ray.embed import incremental, snapshot
 from vlm2rec_ray.embed.plan import RunPlan
 from vlm2rec_ray.embed.schema import errors_schema, output_schema, schema_to_json
-from vlm2rec_ray.storage.retries import job_retries
+from vlm2rec_ray.storage.retries import retries_since
 
 
 class EmbedFailureError(RuntimeError):
@@ -26,9 +26,8 @@ class EmbedFailureError(RuntimeError):
 
 
 def storage_retries(plan: RunPlan) -> int | None:
-    """The S3 retries of the job since the run began (see :mod:`vlm2rec_ray.storage.retries`: approximate)."""
-    now = job_retries()
-    return None if now is None or plan.retries_at_start is None else now - plan.retries_at_start
+    """The S3 retries of the job since the run began (see :mod:`vlm2rec_ray.storage.retries`: a lower bound)."""
+    return retries_since(plan.retries_at_start)
 
 
 def summarize(plan: RunPlan, census: dict[str, Any], res: dict[str, Any], scan: dict[str, Any] | None,

@@ -5,8 +5,9 @@ the clients of :func:`~vlm2rec_ray.storage.s3.s3_client` (image GETs, model down
 the ``request-created`` hook :func:`count_retry`. Not counted: pyarrow's S3 client (Ray Data's reads, listings,
 deletes, Ray Train checkpoints: no hook). Each process keeps its total and adds to the Ray ``Counter``
 ``vlm2rec_storage_retries`` (tag ``JobId``; Prometheus ``ray_vlm2rec_storage_retries_total``).
-:func:`job_retries` is a lower bound: workers export every ``metrics_report_interval_ms``, and a worker's
-last increments can be lost when it exits right after them (2 of ~100 in a test on a loaded 2-core box).
+:func:`job_retries` is a lower bound: workers ship their increments to the node's agent as deltas every
+``metrics_report_interval_ms``, and a report that does not arrive is lost (a worker that exits right after its
+retries; a busy node: a loaded 2-core CI box got 5 of a run's 12 retries, a quiet one 12 of 12).
 """
 
 from __future__ import annotations
@@ -43,13 +44,23 @@ def local_retries() -> int:
     return _TOTAL[0]
 
 
-def job_retries() -> int | None:
-    """This Ray job's retries so far: this process's exact count plus every other process's last exported one
-    (``None`` when Ray is not running here or no metrics endpoint answers)."""
+def job_retries() -> dict[str, int] | None:
+    """This Ray job's retries so far by process (Ray worker id; this process, exact, under ``""``), as each other
+    process last exported them (``None`` when Ray is not running here or no metrics endpoint answers)."""
     from vlm2rec_ray.runtime import job_metric
 
     others = job_metric(METRIC) if "ray" in sys.modules else None
-    return None if others is None else others + local_retries()
+    return None if others is None else {**others, "": local_retries()}
 
 
-__all__ = ["METRIC", "count_retry", "job_retries", "local_retries"]
+def retries_since(start: dict[str, int] | None, now: dict[str, int] | None = None) -> int | None:
+    """Retries between two :func:`job_retries` snapshots (``now`` default: a new one), process by process: with
+    ``RAY_enable_open_telemetry=0`` Ray drops a dead worker's series 120 s after its last report, so job totals
+    can shrink; a series gone since ``start`` subtracts nothing."""
+    now = job_retries() if now is None else now
+    if now is None or start is None:
+        return None
+    return sum(max(0, n - start.get(k, 0)) for k, n in now.items())
+
+
+__all__ = ["METRIC", "count_retry", "job_retries", "local_retries", "retries_since"]

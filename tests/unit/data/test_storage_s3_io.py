@@ -47,6 +47,16 @@ def test_uploads_through_faults_every_retry_counted(moto_endpoint: str, s3_bucke
     assert not storage.s3_client(moto_endpoint).list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
 
 
+def test_run_retries_are_summed_process_by_process() -> None:
+    """A run's figure is the sum of each process's growth since the start snapshot: a process that appears
+    counts from 0, and one whose series Ray dropped (a worker dead for 120 s) subtracts nothing."""
+    start = {"": 4, "w-old": 7, "w-live": 2}
+    now = {"": 9, "w-live": 5, "w-new": 3}  # w-old's series is gone: it would take 7 off a difference of totals
+    assert retries.retries_since(start, now) == (9 - 4) + (5 - 2) + 3
+    assert retries.retries_since(start, start) == 0
+    assert retries.retries_since(None, now) is None  # no start snapshot (Ray was not running): no figure
+
+
 def test_a_failed_multipart_upload_is_aborted(moto_endpoint: str, s3_bucket: str, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(s3, "PART_BYTES", 5 * MIB)
