@@ -529,6 +529,39 @@ class EmbedJobConfig(_Part):
                              "(items) or dataset_uri=<prepared dataset> (items and sequences)")
         return self
 
+    def with_absolute_paths(self, base: str | Path | None = None) -> EmbedJobConfig:
+        """A copy whose local paths (a local ``model.name``, ``dataset_uri``, ``catalog_uri``, ``output_uri``)
+        are absolute and whose S3 endpoint is explicit: the driver calls this before the config travels to Ray
+        workers, which may run in another directory, with an environment older than the driver's."""
+        from vlm2rec_ray import storage
+
+        root = Path(base) if base is not None else Path.cwd()
+        update: dict[str, Any] = {k: _absolute(getattr(self, k), root) for k in ("output_uri", "dataset_uri",
+                                                                                  "catalog_uri") if getattr(self, k)}
+        if _is_local_model(self.model.name, root):
+            update["model"] = self.model.model_copy(update={"name": _absolute(self.model.name, root)})
+        if not self.storage.endpoint_url and storage.endpoint_url():
+            update["storage"] = self.storage.model_copy(update={"endpoint_url": storage.endpoint_url()})
+        return self.model_copy(update=update, deep=True)
+
+
+def _absolute(uri: str, root: Path) -> str:
+    """``uri`` with a local path made absolute (relative ones under ``root``); object-store URIs unchanged."""
+    from vlm2rec_ray import storage
+
+    if storage.is_remote(uri):
+        return uri
+    p = Path(uri.removeprefix("file://")).expanduser()
+    return str(p if p.is_absolute() else (root / p).resolve())
+
+
+def _is_local_model(name: str, root: Path) -> bool:
+    """``model.name`` names a local directory (a path, or an existing one), not a hub id or an object store."""
+    from vlm2rec_ray import storage
+
+    return not storage.is_remote(name) and (name.startswith(("/", "./", "../", "~", "file://"))
+                                            or (root / name).exists())
+
 
 # --- train (train/) ---------------------------------------------------------------------------------------
 
@@ -715,27 +748,17 @@ class TrainJobConfig(_Part):
         Args:
             base: directory relative paths are taken from (default: the current working directory).
         """
-        from vlm2rec_ray import storage
-
         root = Path(base) if base is not None else Path.cwd()
-
-        def absolute(uri: str) -> str:
-            if storage.is_remote(uri):
-                return uri
-            p = Path(uri.removeprefix("file://")).expanduser()
-            return str(p if p.is_absolute() else (root / p).resolve())
-
         name = self.model.name
-        local_model = (name.startswith(("/", "./", "../", "~", "file://")) or (root / name).exists()) \
-            and not storage.is_remote(name)
         # model_copy keeps which settings were given explicitly (the full_finetune/lora check reads that).
         update: dict[str, Any] = {
-            "model": self.model.model_copy(update={"name": absolute(name)}) if local_model else self.model,
-            "data": self.data.model_copy(update={"dataset_uri": absolute(self.data.dataset_uri)}),
-            "output_uri": absolute(self.output_uri),
+            "model": self.model.model_copy(update={"name": _absolute(name, root)}) if _is_local_model(name, root)
+            else self.model,
+            "data": self.data.model_copy(update={"dataset_uri": _absolute(self.data.dataset_uri, root)}),
+            "output_uri": _absolute(self.output_uri, root),
         }
         if self.storage_path is not None:
-            update["storage_path"] = absolute(self.storage_path)
+            update["storage_path"] = _absolute(self.storage_path, root)
         return self.model_copy(update=update, deep=True)
 
     @property

@@ -6,8 +6,6 @@ seconds with nothing written. Rows are read by Ray Data's own readers (:func:`re
 
 from __future__ import annotations
 
-import json
-import os
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -145,28 +143,12 @@ def catalog_lookup(files: list[str], endpoint: str | None) -> CatalogLookup:
 
 def embedding_dim(cfg: EmbedJobConfig) -> int:
     """The backbone's hidden size from its ``config.json`` (no weights loaded)."""
-    name = cfg.model.name
-    if storage.is_remote(name) or os.path.isdir(os.path.expanduser(name)):
-        uri = storage.join(name if storage.is_remote(name) else os.path.expanduser(name), "config.json")
-        try:
-            conf = json.loads(storage.read_text(uri, endpoint=cfg.storage.endpoint_url))
-        except storage.StorageError as e:
-            if e.reason != "missing":
-                raise
-            raise FileNotFoundError(f"model {name!r} has no config.json; point model.name at a "
-                                    "save_pretrained directory (local or on the object store)") from e
-    else:
-        from transformers import AutoConfig
+    from vlm2rec_ray.model import read_model_config
 
-        try:
-            conf = AutoConfig.from_pretrained(name).to_dict()
-        except (OSError, ValueError) as e:
-            raise FileNotFoundError(f"model.name={name!r} is not a local directory, an object-store prefix or a hub "
-                                    f"id that can be loaded here ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                                    "point model.name at a save_pretrained directory") from e
+    conf = read_model_config(cfg.model.name, endpoint=cfg.storage.endpoint_url)
     dim = (conf.get("text_config") or {}).get("hidden_size") or conf.get("hidden_size")
     if not dim:
-        raise ValueError(f"cannot find hidden_size in the config of model {name!r}")
+        raise ValueError(f"cannot find hidden_size in the config of model {cfg.model.name!r}")
     return int(dim)
 
 

@@ -26,7 +26,7 @@ import ray.data
 from vlm2rec_ray import storage
 from vlm2rec_ray.config import EmbedJobConfig
 from vlm2rec_ray.embed import iceberg, inputs, publish, stages
-from vlm2rec_ray.embed.plan import RunPlan, plan_run, resolve_paths
+from vlm2rec_ray.embed.plan import RunPlan, plan_run
 from vlm2rec_ray.embed.publish import EmbedFailureError, format_summary
 from vlm2rec_ray.embed.schema import KEY_COLUMN
 from vlm2rec_ray.runtime import connect_ray, returning_freed_memory
@@ -64,7 +64,7 @@ def user_errors() -> Iterator[None]:
 def _run(cfg: EmbedJobConfig, kind: str, progress: Callable[[str], None] | None) -> dict[str, Any]:
     say = progress or (lambda _m: None)
     started, started_epoch = time.perf_counter(), time.time()  # wall clock: to compare with the rows' embedded_at
-    plan = plan_run(resolve_paths(cfg), kind)  # inputs and model checked before Ray starts: fails in seconds
+    plan = plan_run(cfg.with_absolute_paths(), kind)  # inputs and model checked before Ray starts: in seconds
     if plan.cfg.output_format == "iceberg":  # the same stages; the commit differs (embed/iceberg.py)
         iceberg.prepare(plan)
     connect_ray()

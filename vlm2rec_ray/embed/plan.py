@@ -6,7 +6,6 @@ plain values (``opts``: no config object travels to the tasks).
 from __future__ import annotations
 
 import datetime as _dt
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,22 +64,6 @@ class RunPlan:
                 **extra}
 
 
-def resolve_paths(cfg: EmbedJobConfig) -> EmbedJobConfig:
-    """The config with local paths (``*_uri``, a local ``model.name``) absolute and the endpoint explicit, fixed
-    on the driver: Ray workers may run in another directory, with an environment older than the driver's."""
-    update: dict[str, Any] = {"output_uri": storage.absolute(cfg.output_uri)}
-    for name in ("dataset_uri", "catalog_uri"):
-        if getattr(cfg, name) is not None:
-            update[name] = storage.absolute(getattr(cfg, name))
-    endpoint = storage.endpoint_url(cfg.storage.endpoint_url)
-    if endpoint and not cfg.storage.endpoint_url:
-        update["storage"] = cfg.storage.model_copy(update={"endpoint_url": endpoint})
-    name = os.path.expanduser(cfg.model.name)
-    if not storage.is_remote(name) and os.path.exists(name):
-        update["model"] = cfg.model.model_copy(update={"name": storage.absolute(name)})
-    return cfg.model_copy(update=update, deep=True)
-
-
 def plan_run(cfg: EmbedJobConfig, kind: str) -> RunPlan:
     """Resolve inputs, model size, previous snapshot, image roots and resources for a run of ``kind``."""
     endpoint = cfg.storage.endpoint_url
@@ -114,4 +97,4 @@ def plan_run(cfg: EmbedJobConfig, kind: str) -> RunPlan:
         previous=snapshot.latest_manifest(root, on_or_before=dt, endpoint=endpoint) if cfg.incremental else None)
 
 
-__all__ = ["RunPlan", "plan_run", "resolve_paths", "row_bytes"]
+__all__ = ["RunPlan", "plan_run", "row_bytes"]

@@ -16,7 +16,6 @@ through the same ``from_pretrained`` calls, so the tiny test model exercises the
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProce
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 
 from vlm2rec_ray import storage
+from vlm2rec_ray.model import read_model_config
 
 
 class ImageOnlyQwen25VLProcessor(Qwen2_5_VLProcessor):
@@ -84,14 +84,6 @@ def resolve_model_dir(model: str, *, cache_dir: str | os.PathLike[str] | None = 
     return model  # a hub id; transformers honours HF_HUB_OFFLINE / the HF cache
 
 
-def _read_model_type(model_dir: str) -> str:
-    if Path(model_dir).is_dir():
-        cfg = json.loads((Path(model_dir) / "config.json").read_text())
-        return str(cfg.get("model_type", ""))
-    from transformers import AutoConfig
-
-    return str(AutoConfig.from_pretrained(model_dir).model_type)
-
 
 def pick_device_and_dtype(device: str | None = None, dtype: str | None = None) -> tuple[str, Any]:
     """bf16 on GPU, fp32 on CPU by default."""
@@ -118,7 +110,7 @@ def load_processor(model: str, *, cache_dir: str | os.PathLike[str] | None = Non
 
 
 def _family(model_dir: str, model: str) -> BackboneFamily:
-    model_type = _read_model_type(model_dir)
+    model_type = str(read_model_config(model_dir).get("model_type", ""))
     if model_type not in FAMILIES:
         raise ValueError(
             f"unsupported backbone family {model_type!r} for {model!r}; supported: {sorted(FAMILIES)}"

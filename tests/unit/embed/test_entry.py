@@ -21,24 +21,24 @@ def test_resolve_paths_makes_local_paths_absolute(tmp_path: Path, monkeypatch: p
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     (tmp_path / "model").mkdir()
-    cfg = pipeline.resolve_paths(_cfg("catalog_uri=data/catalog.jsonl"))
+    cfg = _cfg("catalog_uri=data/catalog.jsonl").with_absolute_paths()
     assert cfg.output_uri == str(tmp_path / "out") and cfg.dataset_uri == str(tmp_path / "data")
     assert cfg.catalog_uri == str(tmp_path / "data" / "catalog.jsonl")
     assert cfg.model.name == "Qwen/Qwen2.5-VL-3B-Instruct"  # a hub id (no such local dir) stays as it is
     assert cfg.storage.endpoint_url is None
 
-    cfg = pipeline.resolve_paths(_cfg("model.name=model", "output_uri=s3://bkt/emb", "dataset_uri=s3://bkt/ds"))
+    cfg = _cfg("model.name=model", "output_uri=s3://bkt/emb", "dataset_uri=s3://bkt/ds").with_absolute_paths()
     assert cfg.model.name == str(tmp_path / "model")
     assert cfg.output_uri == "s3://bkt/emb" and cfg.dataset_uri == "s3://bkt/ds" and cfg.catalog_uri is None
-    assert pipeline.resolve_paths(cfg) == cfg  # idempotent
+    assert cfg.with_absolute_paths() == cfg  # idempotent
 
 
 def test_resolve_paths_pins_the_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-    assert pipeline.resolve_paths(_cfg()).storage.endpoint_url == "http://127.0.0.1:9"
+    assert _cfg().with_absolute_paths().storage.endpoint_url == "http://127.0.0.1:9"
     # An explicit endpoint wins over the environment (the old keys endpoint_url / model.endpoint_url still map to it).
     for setting in ("storage.endpoint_url", "endpoint_url", "model.endpoint_url"):
-        assert pipeline.resolve_paths(_cfg(f"{setting}=http://s3.local")).storage.endpoint_url == "http://s3.local"
+        assert _cfg(f"{setting}=http://s3.local").with_absolute_paths().storage.endpoint_url == "http://s3.local"
 
 
 def test_connect_ray_joins_the_cluster_at_ray_address(monkeypatch: pytest.MonkeyPatch) -> None:

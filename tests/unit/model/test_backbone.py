@@ -70,3 +70,23 @@ def test_missing_dir_and_bad_family(tmp_path: Path, tiny_backbone_dir: Path) -> 
     (bad / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="unsupported backbone family 'llama'"):
         load_backbone(str(bad))
+
+
+def test_read_model_config_without_weights(tmp_path: Path, tiny_backbone_dir: Path) -> None:
+    from vlm2rec_ray.embed.inputs import embedding_dim
+    from vlm2rec_ray.model import read_model_config
+
+    conf = read_model_config(str(tiny_backbone_dir))
+    assert conf["model_type"] == "qwen2_5_vl" and conf == json.loads((tiny_backbone_dir / "config.json").read_text())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"'.*empty' has no config\.json; point model\.name at a"):
+        read_model_config(str(tmp_path / "empty"))
+    # a hub id that is not in the cache (conftest sets HF_HUB_OFFLINE: no download is tried)
+    with pytest.raises(FileNotFoundError, match=r"model\.name='nobody/no-such-model' is not a local directory"):
+        read_model_config("nobody/no-such-model")
+
+    class Cfg:  # what embedding_dim reads of an EmbedJobConfig
+        model = type("M", (), {"name": str(tiny_backbone_dir)})
+        storage = type("S", (), {"endpoint_url": None})
+
+    assert embedding_dim(Cfg()) == (conf.get("text_config") or {}).get("hidden_size", conf.get("hidden_size"))
