@@ -6,6 +6,7 @@ seconds with nothing written. Rows are read by Ray Data's own readers (:func:`re
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -78,25 +79,25 @@ def fs_paths(files: list[str], endpoint: str | None) -> dict[str, str]:
 
 
 def census(files: list[str], fmt: str, kind: str, endpoint: str | None) -> dict[str, Any]:
-    """Rows and duplicate keys of the input, reading only the key column (runs in a Ray task).
+    """Rows and duplicate keys of the input, reading only the key column after the first rows (runs in a Ray task).
 
     Raises:
-        ValueError: a required column is missing, or the key column is not a string (names the file and column).
+        ValueError: a required column is missing or has the wrong type (names the file, the column and a value).
     """
+    from vlm2rec_ray.data.schemas import conform_catalog, conform_split
+
     key = KEY_COLUMN[kind]
 
     def key_batches() -> Any:
         for f in files:
             if fmt == "parquet":
                 with storage.open_parquet(f, endpoint=endpoint) as pf:
-                    names = pf.schema_arrow.names
-                    missing = [c for c in REQUIRED[kind] if c not in names]
-                    if missing:
-                        raise ValueError(f"{f} is missing required column(s) {missing}; it has {names}. "
-                                         f"Expected columns: {list(REQUIRED[kind])}")
-                    typ = pf.schema_arrow.field(key).type
-                    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_dictionary(typ)):
-                        raise ValueError(f"{f}: column {key!r} has type {typ}, expected string; write ids as strings")
+                    head = pa.Table.from_batches(list(itertools.islice(pf.iter_batches(batch_size=100), 1)),
+                                                 schema=pf.schema_arrow)
+                    try:  # the pipeline's own casts, on the first rows: a bad column fails before any fetch
+                        (conform_catalog if kind == "items" else conform_split)(head)
+                    except ValueError as e:
+                        raise ValueError(f"{f}: {e}") from e
                     for b in pf.iter_batches(columns=[key], batch_size=65_536):
                         yield b.column(0).cast(pa.string()).to_pylist()
             elif kind != "items":
