@@ -42,11 +42,11 @@ log = logging.getLogger(__name__)
 CATALOG_FILE = "catalog.parquet"
 INTERACTIONS_FILE = "interactions.parquet"
 STATS_FILE = "stats.json"
-_JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")
+JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")
 
 
 def _is_json(uri: str) -> bool:
-    return uri.lower().endswith(_JSON_SUFFIXES)
+    return uri.lower().endswith(JSON_SUFFIXES)
 
 
 def _locate_json_error(data: bytes, uri: str, schema: pa.Schema, err: Exception) -> ValueError:
@@ -109,7 +109,7 @@ def _read_table(uri: str, schema: pa.Schema, required: tuple[str, ...], endpoint
 
 def _table_uri(uri: str, default_file: str, endpoint: str | None) -> str:
     """Accept a dataset directory/prefix for ``uri`` and pick its standard file."""
-    if uri.lower().endswith((".parquet", *_JSON_SUFFIXES)):
+    if uri.lower().endswith((".parquet", *JSON_SUFFIXES)):
         return uri
     candidate = storage.join(uri, default_file)
     return candidate if storage.exists(candidate, endpoint=endpoint) else uri
@@ -168,7 +168,7 @@ def catalog_dir(catalog_uri: str) -> str:
     """The directory or prefix a catalog file lies in (the catalog itself when it is a dataset dir or prefix)."""
     c = catalog_uri.rstrip("/")
     tail = c.rsplit("/", 1)[-1]
-    if tail.lower().endswith((".parquet", *_JSON_SUFFIXES)):
+    if tail.lower().endswith((".parquet", *JSON_SUFFIXES)):
         return c.rsplit("/", 1)[0] if "/" in c else "."
     return c
 

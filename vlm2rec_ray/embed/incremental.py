@@ -9,6 +9,7 @@ unchanged item keeps its hash from night to night. Runs compare hashes through :
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
@@ -132,25 +133,19 @@ def build_index_from_files(files: Sequence[str], key: str, *, endpoint: str | No
     return KeyIndex.build(np.concatenate(ks), np.concatenate(vs))
 
 
-_RESOLVED: dict[str, Any] = {}
-
-
 def resolve_ref(holder: list[Any] | None) -> Any:
     """``ray.get`` of an ``[ObjectRef]`` passed through ``fn_kwargs`` (wrapped in a list so Ray Data does not
-    try to resolve it), cached per worker process so each task reads the shared copy once."""
-    if not holder:
-        return None
-    ref = holder[0]
-    if not hasattr(ref, "hex"):
-        return ref  # a plain value (tests call the UDFs without Ray)
-    key = ref.hex()
-    if key not in _RESOLVED:
-        import ray
+    try to resolve it), cached per worker process so each task reads the shared copy once; a plain value (tests
+    call the UDFs without Ray) as it is."""
+    ref = holder[0] if holder else None
+    return _get(ref) if hasattr(ref, "hex") else ref
 
-        if len(_RESOLVED) > 8:
-            _RESOLVED.clear()
-        _RESOLVED[key] = ray.get(ref)
-    return _RESOLVED[key]
+
+@functools.lru_cache(maxsize=8)
+def _get(ref: Any) -> Any:
+    import ray
+
+    return ray.get(ref)
 
 
 __all__ = ["HASH_SCHEME", "KeyIndex", "build_index_from_files", "classify", "content_hash", "encoder_fingerprint",

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from vlm2rec_ray import storage
+from vlm2rec_ray.data.catalog import JSON_SUFFIXES
 from vlm2rec_ray.embed import incremental
 from vlm2rec_ray.embed.schema import KEY_COLUMN
 
@@ -22,7 +23,6 @@ if TYPE_CHECKING:  # census and catalog_lookup run in Ray tasks: their workers i
     from vlm2rec_ray.config import EmbedJobConfig
     from vlm2rec_ray.embed.preprocess import CatalogLookup
 
-JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")
 REQUIRED = {"items": ("item_id", "title", "image_uri"), "sequences": ("user_id", "history", "target")}
 
 

@@ -66,21 +66,16 @@ class _LRU:
 def _image_grid_fn(processor: Any) -> Callable[[int, int], tuple[int, int]]:
     """``(width, height) -> the processor's resized (height, width)``: images with equal grids give prompts
     of equal length (falls back to the raw size, a finer but still exact grouping)."""
-    ip = getattr(processor, "image_processor", None)
     try:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-        size = ip.size if isinstance(ip.size, dict) else dict(ip.size)  # type: ignore[union-attr]
-        factor = int(ip.patch_size) * int(ip.merge_size)  # type: ignore[union-attr]
+        ip = processor.image_processor
+        size, factor = dict(ip.size), int(ip.patch_size) * int(ip.merge_size)
         lo, hi = int(size["shortest_edge"]), int(size["longest_edge"])
-
-        def grid(w: int, h: int) -> tuple[int, int]:
-            return tuple(smart_resize(h, w, factor=factor, min_pixels=lo, max_pixels=hi))  # type: ignore[return-value]
-
-        grid(64, 64)
-        return grid
+        smart_resize(64, 64, factor=factor, min_pixels=lo, max_pixels=hi)
     except Exception:  # another processor family: group by raw size
         return lambda w, h: (h, w)
+    return lambda w, h: tuple(smart_resize(h, w, factor=factor, min_pixels=lo, max_pixels=hi))
 
 
 class BatchEncoder:

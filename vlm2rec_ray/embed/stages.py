@@ -97,13 +97,10 @@ def _model(plan: RunPlan, ds: ray.data.Dataset) -> ray.data.Dataset:
         num_cpus=plan.cfg.cpus_per_actor, **({"num_gpus": plan.gpus} if plan.gpus > 0 else {}))
 
 
-def build_pipeline(plan: RunPlan) -> ray.data.Dataset:
-    """The full run's rows: read -> prepare (CPU tasks) -> EmbedPredictor (actors); lazy."""
-    return _model(plan, _prepare(plan, _input_rows(plan), PREPARE[plan.kind], opts=plan.opts("encode")))
-
-
 def run_full(plan: RunPlan, sink: RowSink) -> None:
-    write(build_pipeline(plan), sink, row_bytes=row_bytes(plan.dim), tasks=_tasks(plan))
+    """read -> prepare (CPU tasks) -> EmbedPredictor (actors) -> the sink."""
+    rows = _prepare(plan, _input_rows(plan), PREPARE[plan.kind], opts=plan.opts("encode"))
+    write(_model(plan, rows), sink, row_bytes=row_bytes(plan.dim), tasks=_tasks(plan))
 
 
 def run_incremental(plan: RunPlan, sink: RowSink, say: Callable[[str], None]) -> dict[str, Any]:
@@ -144,4 +141,4 @@ def run_incremental(plan: RunPlan, sink: RowSink, say: Callable[[str], None]) ->
     return scan
 
 
-__all__ = ["build_pipeline", "run_full", "run_incremental", "snapshot_sink", "write"]
+__all__ = ["run_full", "run_incremental", "snapshot_sink", "write"]

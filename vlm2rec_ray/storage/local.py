@@ -45,11 +45,7 @@ class LocalBackend(Backend):
         return str(resolve_local(uri))
 
     def contains(self, root: str, uri: str) -> bool:
-        try:
-            resolve_local(uri, root)
-        except ValueError:
-            return False
-        return True
+        return resolve_local(uri).is_relative_to(resolve_local(root))  # resolved: no '..' or symlink escapes
 
     def write(self, uri: str, data: bytes) -> None:
         self._replace(uri, lambda tmp: tmp.write_bytes(data))

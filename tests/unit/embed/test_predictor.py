@@ -200,3 +200,14 @@ def test_cache_mib_bounds_the_caches_real_footprint(dim: int) -> None:
     assert len(c) == entries
     assert used <= cache_mib * (1 << 20)
     assert used >= 0.6 * cache_mib * (1 << 20)  # the budget is used, not wildly overestimated
+
+
+def test_images_are_grouped_by_the_processors_resized_grid(encoder: VLM2RecEncoder) -> None:
+    """Deterministic chunks group images by the grid the processor resizes them to (equal prompt lengths), not
+    by raw size; a processor without Qwen's resize rule falls back to the raw size."""
+    from vlm2rec_ray.embed.predictor import _image_grid_fn
+
+    grid = _image_grid_fn(encoder.processor)
+    assert grid(64, 64) == grid(60, 62) != (64, 64)  # two raw sizes, one grid
+    assert grid(200, 100)[1] > grid(200, 100)[0]  # (height, width)
+    assert _image_grid_fn(object())(30, 20) == (20, 30)
