@@ -56,6 +56,7 @@ from vlm2rec_ray.embed.schema import (
     output_table,
 )
 from vlm2rec_ray.embed.sink import Route, RowSink
+from vlm2rec_ray.storage.retries import retries_since
 
 if TYPE_CHECKING:
     from pyiceberg.catalog import Catalog
@@ -321,7 +322,7 @@ def finish(plan: RunPlan, census: dict[str, Any], res: dict[str, Any], scan: dic
     summary["snapshot_id"] = commit(plan, summary, res, scan)
     storage.delete_prefix(plan.run.staging(), endpoint=plan.endpoint)
     summary.update(table=".".join(plan.table.name()), tag=f"{TAG_PREFIX}{plan.run.dt}",
-                   storage_retries=publish.storage_retries(plan), elapsed_s=round(time.perf_counter() - started, 3))
+                   storage_retries=retries_since(plan.retries_at_start), elapsed_s=round(time.perf_counter() - started, 3))
     summary["rows_per_s"] = round(summary["input_rows"] / summary["elapsed_s"], 2) if summary["elapsed_s"] else None
     return summary
 

@@ -64,13 +64,10 @@ def read_rows(files: list[str], fmt: str, *, endpoint: str | None, columns: list
     file's path in that filesystem, see :func:`fs_paths`)."""
     import ray.data
 
-    fs, _ = storage.pyarrow_filesystem(files[0], endpoint=endpoint)
-    paths = list(fs_paths(files, endpoint))
-    if fmt == "parquet":
-        return ray.data.read_parquet(paths, filesystem=fs, columns=columns, include_paths=include_paths,
-                                     partitioning=None, file_extensions=None)
-    return ray.data.read_json(paths, filesystem=fs, include_paths=include_paths, partitioning=None,
-                              file_extensions=None)
+    paths, fs = list(fs_paths(files, endpoint)), storage.pyarrow_filesystem(files[0], endpoint=endpoint)[0]
+    kw: dict[str, Any] = {"filesystem": fs, "include_paths": include_paths, "partitioning": None,
+                          "file_extensions": None}
+    return ray.data.read_parquet(paths, columns=columns, **kw) if fmt == "parquet" else ray.data.read_json(paths, **kw)
 
 
 def fs_paths(files: list[str], endpoint: str | None) -> dict[str, str]:

@@ -180,9 +180,8 @@ def prepare_from_scan(batch: pa.Table, *, opts: dict[str, Any], kind: str) -> pa
     opts = dict(opts, mode="encode", prev_index=None, change_column=batch.column("status").to_pylist(),
                 in_prev_column=batch.column("in_prev").to_pylist())
     if kind == "items":
-        t = pa.table({"item_id": batch.column("key"), "title": batch.column("title"),
-                      "image_uri": batch.column("image_uri")})
-        return prepare_items(t, opts=opts)
+        return prepare_items(pa.table({"item_id": batch.column("key"), "title": batch.column("title"),
+                                       "image_uri": batch.column("image_uri")}), opts=opts)
     return prepare_sequences(pa.table({"user_id": batch.column("key"), "history": batch.column("history")}), opts=opts)
 
 

@@ -25,11 +25,6 @@ class EmbedFailureError(RuntimeError):
         self.summary = summary
 
 
-def storage_retries(plan: RunPlan) -> int | None:
-    """The S3 retries of the job since the run began (see :mod:`vlm2rec_ray.storage.retries`: a lower bound)."""
-    return retries_since(plan.retries_at_start)
-
-
 def summarize(plan: RunPlan, census: dict[str, Any], res: dict[str, Any], scan: dict[str, Any] | None,
               started: float, started_epoch: float) -> dict[str, Any]:
     c = res["counts"]
@@ -43,7 +38,8 @@ def summarize(plan: RunPlan, census: dict[str, Any], res: dict[str, Any], scan: 
         "failure_fraction": (failed / rows) if rows else 0.0, "encoded": int(c.get("encoded", 0)),
         "carried": int(c.get("carried", 0)), "new": None, "changed": None, "unchanged": None, "deleted": None,
         "reasons": dict(sorted(res["reasons"].items())), "texts_encoded": int(c.get("texts_encoded", 0)),
-        "images_encoded": int(c.get("images_encoded", 0)), "storage_retries": storage_retries(plan),
+        "images_encoded": int(c.get("images_encoded", 0)),
+        "storage_retries": retries_since(plan.retries_at_start),  # a lower bound: storage/retries.py
         "uri": plan.run.root, "partition": plan.run.partition, "errors_uri": plan.run.errors_uri if failed else None,
         "files": len(res["files"]["data"]),
         "previous": {"dt": plan.previous["dt"], "run_id": plan.previous["run_id"]} if plan.previous else None,
@@ -117,8 +113,8 @@ def finish(plan: RunPlan, census: dict[str, Any], res: dict[str, Any], scan: dic
                                 summary)
     replaced = plan.run.publish(manifest(plan, census, res, summary))
     summary.update(manifest_uri=snapshot.manifest_uri(plan.run.root, plan.run.dt),
-                   replaced_run=replaced["run_id"] if replaced else None, storage_retries=storage_retries(plan),
-                   elapsed_s=round(time.perf_counter() - started, 3))
+                   replaced_run=replaced["run_id"] if replaced else None,
+                   storage_retries=retries_since(plan.retries_at_start), elapsed_s=round(time.perf_counter() - started, 3))
     summary["rows_per_s"] = round(summary["input_rows"] / summary["elapsed_s"], 2) if summary["elapsed_s"] else None
     return summary
 

@@ -54,20 +54,16 @@ def write(ds: ray.data.Dataset, sink: Any, *, row_bytes: int, tasks: int = COALE
     task's rows). A write task starts once it has a file's worth of rows; until then blocks under Ray's 100 KB
     inline limit would wait in the driver's memory, coalesced they wait in the object store (which spills).
     Not Ray Data's ``repartition`` (2.60: one task per block, no combining, a whole CPU each, queued behind
-    the model); at most ``tasks`` coalescing tasks at the write tasks' CPU share, a bounded pool Ray Data does
-    not fuse into the write (tests/integration/test_embed_write.py checks both).
+    the model); ``max(tasks, COALESCE_TASKS)`` coalescing tasks (a run: one per model actor, their output rate)
+    at the write tasks' CPU share, a bounded pool Ray Data does not fuse into the write
+    (tests/integration/test_embed_write.py checks both).
     """
     rows = max(1, MIN_WRITE_BLOCK_BYTES // max(1, row_bytes))
     if sink.min_rows_per_write:  # never hold rows back for more than one write task's worth (a small rows_per_file)
         rows = min(rows, int(sink.min_rows_per_write))
     (ds.map_batches(coalesced, batch_size=rows, batch_format="pyarrow", num_cpus=WRITE_CPUS,
-                    compute=ray.data.TaskPoolStrategy(size=tasks))
+                    compute=ray.data.TaskPoolStrategy(size=max(tasks, COALESCE_TASKS)))
      .write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS}))
-
-
-def _tasks(plan: RunPlan) -> int:
-    """Coalescing tasks a run lets run at once: one per model actor (their output rate), at least two."""
-    return max(COALESCE_TASKS, plan.cfg.num_actors)
 
 
 def _input_rows(plan: RunPlan) -> ray.data.Dataset:
@@ -100,7 +96,7 @@ def _model(plan: RunPlan, ds: ray.data.Dataset) -> ray.data.Dataset:
 def run_full(plan: RunPlan, sink: RowSink) -> None:
     """read -> prepare (CPU tasks) -> EmbedPredictor (actors) -> the sink."""
     rows = _prepare(plan, _input_rows(plan), PREPARE[plan.kind], opts=plan.opts("encode"))
-    write(_model(plan, rows), sink, row_bytes=row_bytes(plan.dim), tasks=_tasks(plan))
+    write(_model(plan, rows), sink, row_bytes=row_bytes(plan.dim), tasks=plan.cfg.num_actors)
 
 
 def run_incremental(plan: RunPlan, sink: RowSink, say: Callable[[str], None]) -> dict[str, Any]:
@@ -116,7 +112,7 @@ def run_incremental(plan: RunPlan, sink: RowSink, say: Callable[[str], None]) ->
         g: Route(plan.run.staging(g), statuses, schema) for g, statuses in SCAN_GROUPS.items()})
     scan_ds = _prepare(plan, _input_rows(plan), PREPARE[plan.kind],
                        opts=plan.opts("scan", prev_index=[prev_ref] if prev_ref is not None else None))
-    write(scan_ds, scan_sink, row_bytes=SCAN_ROW_BYTES, tasks=_tasks(plan))
+    write(scan_ds, scan_sink, row_bytes=SCAN_ROW_BYTES, tasks=plan.cfg.num_actors)
     scan = scan_sink.result
     say("scan: " + ", ".join(f"{k}={scan['counts'].get(k, 0)}" for k in ("new", "changed", "unchanged", "failed")))
 
@@ -137,7 +133,7 @@ def run_incremental(plan: RunPlan, sink: RowSink, say: Callable[[str], None]) ->
                                           batch_format="pyarrow", batch_size=None, num_cpus=0.25))
     if branches:
         ds = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
-        write(ds, sink, row_bytes=row_bytes(plan.dim), tasks=_tasks(plan))
+        write(ds, sink, row_bytes=row_bytes(plan.dim), tasks=plan.cfg.num_actors)
     return scan
 
 
