@@ -84,7 +84,6 @@ def resolve_model_dir(model: str, *, cache_dir: str | os.PathLike[str] | None = 
     return model  # a hub id; transformers honours HF_HUB_OFFLINE / the HF cache
 
 
-
 def pick_device_and_dtype(device: str | None = None, dtype: str | None = None) -> tuple[str, Any]:
     """bf16 on GPU, fp32 on CPU by default."""
     import torch
