@@ -540,8 +540,9 @@ class EmbedJobConfig(_Part):
                                                                                   "catalog_uri") if getattr(self, k)}
         if _is_local_model(self.model.name, root):
             update["model"] = self.model.model_copy(update={"name": _absolute(self.model.name, root)})
-        if not self.storage.endpoint_url and storage.endpoint_url():
-            update["storage"] = self.storage.model_copy(update={"endpoint_url": storage.endpoint_url()})
+        endpoint = storage.endpoint_url(self.storage.endpoint_url)
+        if endpoint != self.storage.endpoint_url:  # only the environment's: pin it for the workers
+            update["storage"] = self.storage.model_copy(update={"endpoint_url": endpoint})
         return self.model_copy(update=update, deep=True)
 
 
